@@ -123,6 +123,7 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   df.audio_to_video_prob = 0.1  # audio given clean (t=0, loss masked): trains audio->video
   df.video_to_audio_prob = 0.1  # video given clean: trains video->audio
   df.text_drop_prob = 0.1  # caption replaced by "" (classifier-free guidance)
+  df.joint = True  # False (stage 1): each example trains one modality; the other is noise
 
   # ---- losses: L = diffusion*Ld + align*La + perceptual*Lp + temporal*Lt
   c.loss = lo = ml_collections.ConfigDict()

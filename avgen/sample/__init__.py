@@ -1,0 +1,1 @@
+"""Sampling: the Generator, clips and media I/O."""

@@ -1,0 +1,158 @@
+"""Config checks that run before anything is built or compiled.
+
+Every rule names the field it checks, so `--config.x=y` mistakes fail in a second with a message
+saying which field and why, instead of as a shape error deep inside a jitted step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from avgen.kernels import IMPLS
+
+SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim", "dpm++2m")}
+TEXT_ENCODERS = ("byte",)
+VIDEO_LATENTS = ("pixels", "sd_vae")
+VOCODERS = ("griffin_lim", "bigvgan", "hifigan")
+REMAT = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+
+class ConfigError(ValueError):
+  """A config field breaks a rule; the message names the field."""
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def latent_shapes(c: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+  """Per-example diffusion shapes: video [T, h, w, C], audio mel [N, n_mels]."""
+  d = c.data
+  down = c.latent.video_downsample
+  n_mel_frames = round(d.audio_seconds * d.sample_rate / c.mel.hop_length)
+  return {
+      "video": (d.num_frames, d.height // down, d.width // down, c.latent.video_channels),
+      "audio": (n_mel_frames, c.mel.n_mels),
+  }
+
+
+def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with a single -1 filled from the device count."""
+  sizes = {a: int(c.mesh[a]) for a in MESH_AXES}
+  unknown = [a for a, s in sizes.items() if s == -1]
+  _require(len(unknown) <= 1, f"config.mesh: at most one axis may be -1, got {unknown}")
+  for a, s in sizes.items():
+    _require(s == -1 or s >= 1, f"config.mesh.{a}={s} must be >= 1 or -1")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if unknown:
+    _require(num_devices % known == 0,
+             f"config.mesh: {num_devices} devices are not divisible by the fixed axes' product {known}")
+    sizes[unknown[0]] = num_devices // known
+  _require(math.prod(sizes.values()) == num_devices,
+           f"config.mesh: sizes {sizes} multiply to {math.prod(sizes.values())}, "
+           f"but there are {num_devices} devices")
+  return sizes
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ConfigError naming the first field that breaks a rule."""
+  d, m, mo, df, lo, t = c.data, c.mel, c.model, c.diffusion, c.loss, c.train
+
+  # data and time
+  _require(d.num_frames >= 1, f"config.data.num_frames={d.num_frames} must be >= 1")
+  _require(d.fps > 0, f"config.data.fps={d.fps} must be > 0")
+  clip_seconds = d.num_frames / d.fps
+  _require(abs(d.audio_seconds - clip_seconds) < 1e-6,
+           f"config.data.audio_seconds={d.audio_seconds} must equal data.num_frames / data.fps = "
+           f"{d.num_frames}/{d.fps} = {clip_seconds:g}")
+  samples = d.audio_seconds * d.sample_rate
+  _require(abs(samples - round(samples)) < 1e-6,
+           f"config.data.audio_seconds * data.sample_rate = {samples:g} must be a whole number of samples")
+  _require(round(samples) % m.hop_length == 0,
+           f"config.mel.hop_length={m.hop_length} must divide the clip's {round(samples)} audio samples")
+  _require(set(d.modalities) <= {"video", "audio"} and len(d.modalities) >= 1,
+           f"config.data.modalities={tuple(d.modalities)} must be a non-empty subset of ('video', 'audio')")
+  _require(d.batch_size >= 1, f"config.data.batch_size={d.batch_size} must be >= 1")
+
+  # latent spaces
+  _require(c.latent.video in VIDEO_LATENTS, f"config.latent.video={c.latent.video!r} not in {VIDEO_LATENTS}")
+  _require(c.latent.vocoder in VOCODERS, f"config.latent.vocoder={c.latent.vocoder!r} not in {VOCODERS}")
+  if c.latent.video == "pixels":
+    _require(c.latent.video_downsample == 1 and c.latent.video_channels == 3,
+             "config.latent.video='pixels' needs latent.video_downsample=1 and latent.video_channels=3")
+  down = c.latent.video_downsample
+  for name in ("height", "width"):
+    _require(d[name] % down == 0,
+             f"config.data.{name}={d[name]} must be divisible by latent.video_downsample={down}")
+  shapes = latent_shapes(c)
+  frames, h, w, _ = shapes["video"]
+  n_mel, _ = shapes["audio"]
+
+  # model
+  pt, ph, pw = mo.video_patch
+  for axis, size, patch in (("frames", frames, pt), ("height", h, ph), ("width", w, pw)):
+    _require(patch >= 1 and size % patch == 0,
+             f"config.model.video_patch={tuple(mo.video_patch)}: patch {patch} must divide the video "
+             f"latent's {axis} {size}")
+  _require(mo.audio_patch >= 1 and n_mel % mo.audio_patch == 0,
+           f"config.model.audio_patch={mo.audio_patch} must divide the {n_mel} mel frames of a clip")
+  _require(mo.width % mo.num_heads == 0,
+           f"config.model.num_heads={mo.num_heads} must divide config.model.width={mo.width}")
+  head_dim = mo.width // mo.num_heads
+  _require(head_dim % 8 == 0,
+           f"config.model.width / num_heads = {head_dim} must be a multiple of 8 (3D RoPE sections)")
+  _require(mo.text_width % mo.text_heads == 0,
+           f"config.model.text_heads={mo.text_heads} must divide config.model.text_width={mo.text_width}")
+  _require(mo.attention_impl in IMPLS, f"config.model.attention_impl={mo.attention_impl!r}: unknown "
+           f"attention impl; known: {IMPLS}")
+  _require(mo.text_encoder in TEXT_ENCODERS,
+           f"config.model.text_encoder={mo.text_encoder!r} not in {TEXT_ENCODERS}")
+  _require(mo.remat in REMAT, f"config.model.remat={mo.remat!r} not in {REMAT}")
+  _require(mo.dtype in DTYPES and mo.param_dtype in DTYPES,
+           f"config.model.dtype={mo.dtype!r} / param_dtype={mo.param_dtype!r} must be in {DTYPES}")
+  _require(frames % pt == 0 and mo.align_window % pt == 0 and frames % mo.align_window == 0,
+           f"config.model.align_window={mo.align_window} must divide data.num_frames={frames} and be a "
+           f"multiple of the temporal patch {pt}")
+  windows = frames // mo.align_window
+  audio_tokens = n_mel // mo.audio_patch
+  _require(audio_tokens % windows == 0,
+           f"config.model.align_window={mo.align_window}: the {audio_tokens} audio tokens must split evenly "
+           f"into {windows} time windows")
+
+  # diffusion and losses
+  _require(df.objective in SAMPLERS, f"config.diffusion.objective={df.objective!r} not in {tuple(SAMPLERS)}")
+  _require(c.sample.sampler in SAMPLERS[df.objective],
+           f"config.sample.sampler={c.sample.sampler!r} does not fit objective {df.objective!r}; "
+           f"use one of {SAMPLERS[df.objective]}")
+  _require(df.ddpm_schedule in ("cosine", "linear"), f"config.diffusion.ddpm_schedule={df.ddpm_schedule!r}")
+  _require(df.ddpm_prediction in ("eps", "v"), f"config.diffusion.ddpm_prediction={df.ddpm_prediction!r}")
+  for name in ("share_t_prob", "audio_to_video_prob", "video_to_audio_prob", "text_drop_prob"):
+    _require(0.0 <= df[name] <= 1.0, f"config.diffusion.{name}={df[name]} must be in [0, 1]")
+  _require(df.audio_to_video_prob + df.video_to_audio_prob <= 1.0,
+           "config.diffusion.audio_to_video_prob + video_to_audio_prob must be <= 1")
+  for name in ("diffusion", "align", "perceptual", "temporal", "audio_weight", "video_weight"):
+    _require(lo[name] >= 0.0, f"config.loss.{name}={lo[name]} must be >= 0")
+  _require(lo.align_temperature > 0, f"config.loss.align_temperature={lo.align_temperature} must be > 0")
+  _require(c.sample.num_steps >= 1, f"config.sample.num_steps={c.sample.num_steps} must be >= 1")
+
+  # training
+  _require(t.num_steps >= 1, f"config.train.num_steps={t.num_steps} must be >= 1")
+  _require(t.checkpoint_every >= 1, f"config.train.checkpoint_every={t.checkpoint_every} must be >= 1")
+  _require(t.grad_accum >= 1 and d.batch_size % t.grad_accum == 0,
+           f"config.train.grad_accum={t.grad_accum} must be >= 1 and divide data.batch_size={d.batch_size}")
+  _require(t.learning_rate > 0, f"config.train.learning_rate={t.learning_rate} must be > 0")
+  _require(0.0 <= t.ema_decay < 1.0, f"config.train.ema_decay={t.ema_decay} must be in [0, 1)")
+
+  # mesh
+  if num_devices is not None:
+    sizes = mesh_shape(c, num_devices)
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    micro = d.batch_size // t.grad_accum
+    _require(micro % batch_shards == 0,
+             f"config.data.batch_size={d.batch_size} / train.grad_accum={t.grad_accum} = {micro} must be "
+             f"divisible by mesh data*fsdp = {batch_shards}")

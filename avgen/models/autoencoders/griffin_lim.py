@@ -1,0 +1,49 @@
+"""Griffin-Lim vocoder: normalized log-mel -> waveform with no learned parts (demo configs).
+
+mel -> linear magnitude by non-negative least squares (per frame) against the mel filterbank, then phase by
+fast Griffin-Lim (alternating projections with momentum, Perraudin et al. 2013) using the
+MelCodec's own STFT framing, so the waveform lines up with the mel frames.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from avgen.models.autoencoders.mel import MelCodec
+
+
+class GriffinLimVocoder:
+
+  def __init__(self, mel: MelCodec, n_iter: int = 32, momentum: float = 0.99, seed: int = 0):
+    if n_iter < 0:
+      raise ValueError(f"GriffinLimVocoder: n_iter must be >= 0, got {n_iter}")
+    if not 0 <= momentum < 1:
+      raise ValueError(f"GriffinLimVocoder: momentum must be in [0, 1), got {momentum}")
+    self.mel = mel
+    self.n_iter = int(n_iter)
+    self.momentum = float(momentum)
+    self.seed = int(seed)
+
+  def decode(self, latent: np.ndarray) -> np.ndarray:
+    """latent [N, n_mels] or [B, N, n_mels] -> float32 wave [N * hop] or [B, N * hop] in [-1, 1]."""
+    import scipy.optimize  # pylint: disable=g-import-not-at-top
+
+    mel = self.mel.to_mel_magnitude(latent)
+    if mel.ndim == 3:
+      return np.stack([self.decode(x) for x in np.asarray(latent)])
+    if mel.ndim != 2:
+      raise ValueError(f"GriffinLimVocoder.decode: latent must be [N, n_mels] or [B, N, n_mels], got {mel.shape}")
+    basis = self.mel.mel_basis
+    magnitude = np.stack([scipy.optimize.nnls(basis, frame)[0] for frame in mel])  # [N, F]
+    rng = np.random.default_rng(self.seed)
+    angles = np.exp(2j * np.pi * rng.random(magnitude.shape))
+    previous = np.zeros_like(angles)
+    num_frames = magnitude.shape[0]
+    for _ in range(self.n_iter):
+      rebuilt = self.mel.stft(self.mel.istft(magnitude * angles), num_frames)
+      # The momentum term extrapolates along the last step (the "fast" in fast Griffin-Lim).
+      angles = rebuilt - (self.momentum / (1 + self.momentum)) * previous
+      angles /= np.abs(angles) + 1e-12
+      previous = rebuilt
+    wave = self.mel.istft(magnitude * angles)
+    return np.clip(wave, -1.0, 1.0).astype(np.float32)

@@ -1,0 +1,111 @@
+"""Training state: parameters, optimizer, EMA, RNG, and how it is created sharded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from avgen import models
+from avgen.parallel import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # training steps taken (skipped non-finite updates included)
+  params: Any  # nnx.State of the model's Params (logical names in the metadata)
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array  # raw uint32 key data, so that checkpoints hold plain arrays
+  nonfinite_streak: jax.Array  # consecutive steps whose update was not applied
+  nonfinite_total: jax.Array
+
+
+def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay to `end_lr_fraction` of it."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=max(t.warmup_steps, 1),
+      decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=t.learning_rate * t.end_lr_fraction)
+
+
+def build_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(t.clip_norm),
+      optax.adamw(learning_rate_schedule(t), b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay),
+  )
+
+
+def split_model(model: nnx.Module):
+  """(graphdef, params, rest): rest holds any non-trainable state the model keeps."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation, seed_key: jax.Array):
+  """Builds the model and returns (graphdef, rest, TrainState); traceable under jit/eval_shape."""
+  init_key, train_key = jax.random.split(seed_key)
+  model = models.build_model(config, nnx.Rngs(params=init_key))
+  graphdef, params, rest = split_model(model)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params),
+      rng=jax.random.key_data(train_key),
+      nonfinite_streak=jnp.zeros((), jnp.int32),
+      nonfinite_total=jnp.zeros((), jnp.int32),
+  )
+  return graphdef, rest, state
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh, rules) -> TrainState:
+  """NamedShardings for every leaf, from the logical names on the parameters (replicated else)."""
+  specs = nnx.get_partition_spec(abstract_state)
+  return sharding.tree_shardings(specs, mesh, rules, shapes=abstract_state)
+
+
+def create_sharded_state(config: ml_collections.ConfigDict, tx, mesh: Mesh, rules):
+  """Initialises the state directly into its sharded layout (no full copy on one device).
+
+  Returns (graphdef, rest, state, shardings).
+  """
+  seed_key = jax.random.key(config.train.seed)
+  graphdef, rest, abstract = _abstract(config, tx, seed_key)
+  shardings = state_shardings(abstract, mesh, rules)
+
+  def init(key):
+    return init_state(config, tx, key)[2]
+
+  with sharding.use_rules(mesh, rules):
+    state = jax.jit(init, out_shardings=shardings)(seed_key)
+  return graphdef, rest, state, shardings
+
+
+def _abstract(config, tx, seed_key):
+  captured = {}
+
+  def f(key):
+    graphdef, rest, state = init_state(config, tx, key)
+    captured["graphdef"], captured["rest"] = graphdef, rest
+    return state
+
+  abstract = jax.eval_shape(f, seed_key)
+  return captured["graphdef"], captured["rest"], abstract
+
+
+def abstract_state(config, tx):
+  """(graphdef, rest, abstract TrainState) without allocating anything."""
+  return _abstract(config, tx, jax.random.key(config.train.seed))
+
+
+def ema_update(ema, params, decay: float):
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

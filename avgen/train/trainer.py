@@ -1,0 +1,182 @@
+"""The trainer: one plain loop for every stage.
+
+build mesh -> build (or restore) the sharded state -> loop {batch, step, metrics, checkpoint,
+sample} -> final checkpoint. Stages differ only by config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from clu import parameter_overview
+from flax import nnx
+
+from avgen import config as config_lib
+from avgen.parallel import mesh as mesh_lib
+from avgen.parallel import sharding
+from avgen.train import checkpoints, metrics as metrics_lib, state as state_lib, step as step_lib
+from data_pipeline import loader as loader_lib
+
+_log = logging.getLogger("avgen.train")
+
+
+class TrainingStopped(RuntimeError):
+  """The run stopped before num_steps (non-finite losses); the message says why."""
+
+
+def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Shard paths from config.data.path, or a synthetic dataset made once in workdir/data."""
+  if config.data.path:
+    return loader_lib.resolve_paths(config.data.path)
+  if config.data.synthetic_clips <= 0:
+    raise ValueError("config.data.path is empty and config.data.synthetic_clips is 0: "
+                     "give --config.data.path='/data/*.array_record' (ArrayRecord shards)")
+  from data_pipeline import synthetic
+  out = os.path.join(workdir, "data")
+  done = os.path.join(out, "DONE")
+  if jax.process_index() == 0 and not os.path.exists(done):
+    d = config.data
+    _log.info("making %d synthetic clips in %s", d.synthetic_clips, out)
+    synthetic.make_dataset(out, d.synthetic_clips, seed=config.train.seed, samples_per_shard=256,
+                           num_frames=d.num_frames, height=d.height, width=d.width, fps=d.fps,
+                           sample_rate=d.sample_rate)
+    open(done, "w").close()
+  while not os.path.exists(done):  # other hosts wait for process 0 (shared filesystem)
+    time.sleep(1)
+  return loader_lib.resolve_paths(os.path.join(out, "*.array_record"))
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag that the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    _log.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
+  config_lib.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  primary = jax.process_index() == 0
+  t = config.train
+
+  paths = resolve_data(config, workdir)
+  mesh = mesh_lib.build_mesh(config)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  tx = state_lib.build_optimizer(t)
+  graphdef, rest, state, shardings = state_lib.create_sharded_state(config, tx, mesh, rules)
+  if primary:
+    _log.info("mesh %s\n%s", dict(mesh.shape),
+              parameter_overview.get_parameter_overview(nnx.to_pure_dict(state.params)))
+
+  data_iter = loader_lib.make_loader(config, paths, shard_index=jax.process_index(),
+                                     shard_count=jax.process_count(), seed=config.data.shuffle_seed)
+  ckpt = checkpoints.Checkpointer(workdir, keep=t.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    del state
+    state = ckpt.restore(latest, abstract, data_iter, config)
+    _log.info("resumed from %s/%d", ckpt.directory, latest)
+
+  train_step = step_lib.make_train_step(config, graphdef, rest, tx, mesh, rules, shardings,
+                                        mesh_lib.batch_sharding(mesh))
+  writer = metrics_lib.Writer(workdir, enabled=primary)
+  generator = None
+  step = int(state.step)
+  progress = metrics_lib.Progress(t.num_steps, step)
+  preemption = _Preemption()
+  accumulated = None
+  try:
+    while step < t.num_steps:
+      batch = mesh_lib.global_batch(next(data_iter), mesh)
+      state, step_metrics = train_step(state, batch)
+      accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
+      step += 1
+
+      streak = int(state.nonfinite_streak)
+      if streak:
+        _log.warning("step %d: non-finite loss or gradient; update not applied (%d in a row)", step, streak)
+        if streak >= t.max_nonfinite:
+          raise TrainingStopped(
+              f"{streak} consecutive steps had a non-finite loss or gradient (config.train.max_nonfinite="
+              f"{t.max_nonfinite}); stopped at step {step}. The last checkpoint holds the last finite state.")
+
+      if step % t.log_every == 0 or step == t.num_steps:
+        values = {k: float(v) for k, v in accumulated.compute().items()}
+        values["nonfinite_total"] = float(state.nonfinite_total)
+        accumulated = None
+        values["steps_per_second"] = progress.steps_per_second()
+        writer.scalars(step, values)
+        if primary:
+          shown = {k: values[k] for k in ("loss", "loss_video", "loss_audio", "loss_align")}
+          print(progress.line(step, shown), flush=True)
+
+      last = step == t.num_steps
+      if step % t.checkpoint_every == 0 or last or preemption.requested:
+        _save(ckpt, step, state, data_iter, config)
+      if config.sample.every and (step % config.sample.every == 0 or last):
+        generator = generator or _make_generator(config, graphdef, rest)
+        write_samples(generator, state, config, workdir, step, writer)
+      if preemption.requested:
+        ckpt.wait()
+        _log.warning("exiting after preemption at step %d", step)
+        break
+  finally:
+    preemption.restore()
+    ckpt.close()
+    writer.close()
+  return state
+
+
+def _save(ckpt, step, state, data_iter, config):
+  if not checkpoints.all_finite(state):
+    _log.error("step %d: the state holds non-finite values; checkpoint NOT saved", step)
+    return
+  ckpt.save(step, state, data_iter, config, force=True)
+
+
+def _make_generator(config, graphdef, rest):
+  from avgen.sample.generate import Generator
+  return Generator(config, graphdef, rest)
+
+
+def write_samples(generator, state, config, workdir: str, step: int, writer) -> list[str]:
+  """Samples the config's prompts; writes samples/step_XXXXXX_i.mp4 (+ .wav) and TensorBoard media."""
+  from avgen.sample import visualize
+  params = state.ema_params if config.sample.use_ema else state.params
+  prompts = list(config.sample.prompts)
+  clips = generator(params, prompts, seed=config.train.seed)
+  if jax.process_index() != 0:
+    return []
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  strips = []
+  for i, clip in enumerate(clips):
+    base = os.path.join(out_dir, f"step_{step:06d}_{i}")
+    clip.save(base + ".mp4", scale=max(1, 256 // clip.video.shape[2]))
+    clip.save(base + ".wav")
+    written.append(base + ".mp4")
+    writer.clip(step, f"samples/{i}", visualize.gif_bytes(clip.video, clip.fps, scale=4),
+                clip.video.shape[1] * 4, clip.video.shape[2] * 4)
+    writer.audio(step, f"samples/{i}", clip.audio, clip.sample_rate)
+    strips.append(visualize.frame_strip(clip.video))
+  writer.image(step, "samples/frames", visualize.stack_rows(strips))
+  writer.text(step, "samples/prompts", "\n".join(f"{i}: {p}" for i, p in enumerate(prompts)))
+  writer.flush()
+  return written
