@@ -14,14 +14,16 @@ An example is a dict:
 | `audio_mel` | float [N, n_mels] | optional cached normalized log-mel |
 
 On disk an example is one msgpack map: plain fields as they are, arrays as {dtype, shape, data}
-with the raw little-endian bytes, and `schema_version`. Shards are ArrayRecord files with one
-example per record.
+with the raw little-endian bytes, and `schema_version`; then a 4-byte little-endian CRC32 of those
+bytes, so that flipped or overwritten bytes anywhere (even inside pixel data) are caught on decode.
+Shards are ArrayRecord files with one example per record.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Any, Iterable
 
 import ml_dtypes
@@ -74,7 +76,8 @@ def validate_example(example: Any) -> None:
       or not np.isfinite(fps) or fps <= 0):
     raise SchemaError(f"field 'fps' must be a positive number, got {fps!r}")
   sample_rate = example["sample_rate"]
-  if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+  if (isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer))
+      or sample_rate <= 0):
     raise SchemaError(f"field 'sample_rate' must be a positive int, got {sample_rate!r}")
 
   audio = example["audio"]
@@ -135,15 +138,22 @@ def encode_example(example: dict[str, Any]) -> bytes:
       record[key] = int(value)
     else:
       record[key] = value
-  return msgpack.packb(record, use_bin_type=True)
+  packed = msgpack.packb(record, use_bin_type=True)
+  return packed + zlib.crc32(packed).to_bytes(4, "little")
 
 
 def decode_example(data: bytes) -> dict[str, Any]:
   """Inverse of `encode_example`; anything that is not a valid record raises SchemaError."""
   if not isinstance(data, (bytes, bytearray, memoryview)):
     raise SchemaError(f"record must be bytes, got {type(data).__name__}")
+  data = bytes(data)
+  if len(data) < 5:
+    raise SchemaError(f"record has {len(data)} bytes, too short to be an example")
+  body, crc = data[:-4], int.from_bytes(data[-4:], "little")
+  if zlib.crc32(body) != crc:
+    raise SchemaError("record checksum (CRC32) mismatch: the record is corrupt or not an example")
   try:
-    record = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    record = msgpack.unpackb(body, raw=False, strict_map_key=True)
   except Exception as e:  # msgpack raises several unrelated types on garbage.
     raise SchemaError(f"record is not a msgpack map: {type(e).__name__}: {e}") from None
   if not isinstance(record, dict):
@@ -169,10 +179,13 @@ def write_shards(
   Each shard is written under a hidden temporary name and renamed once closed, so a reader
   globbing `*.array_record` never sees a half-written shard.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python.array_record_module import ArrayRecordWriter
 
-  if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-    raise ValueError(f"write_shards: samples_per_shard must be an int >= 1, got {samples_per_shard!r}")
+  if (isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int)
+      or samples_per_shard < 1):
+    raise ValueError(
+        f"write_shards: samples_per_shard must be an int >= 1, got {samples_per_shard!r}")
   if not prefix or "/" in prefix:
     raise ValueError(f"write_shards: prefix must be a non-empty file name part, got {prefix!r}")
   os.makedirs(output_dir, exist_ok=True)

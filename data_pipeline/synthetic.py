@@ -70,7 +70,8 @@ def make_clip(
     half = float(rng.uniform(*SIZE_RANGE)) * side
     speed = float(rng.uniform(*SPEED_RANGE)) * side
     # Diagonal-ish headings so both axes move and bounce.
-    angle = float(rng.uniform(math.radians(20), math.radians(70))) + math.pi / 2 * int(rng.integers(4))
+    quadrant = math.pi / 2 * int(rng.integers(4))
+    angle = float(rng.uniform(math.radians(20), math.radians(70))) + quadrant
     velocity = (speed * math.cos(angle), speed * math.sin(angle))  # (x, y) in px / s
     start = (float(rng.uniform(half, width - half)), float(rng.uniform(half, height - half)))
     cx, x_hits = _bounce(start[0], velocity[0], half, width - half, frame_times, duration)
@@ -189,7 +190,8 @@ def _check_dims(**dims) -> None:
     if not isinstance(dims[name], int):
       raise ValueError(f"synthetic: {name} must be an int, got {dims[name]!r}")
   if min(dims["height"], dims["width"]) < 8:
-    raise ValueError(f"synthetic: height and width must be >= 8, got {dims['height']}x{dims['width']}")
+    raise ValueError(
+        f"synthetic: height and width must be >= 8, got {dims['height']}x{dims['width']}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
       num_frames=args.num_frames, height=args.height, width=args.width, fps=args.fps,
       sample_rate=args.sample_rate)
   print(f"wrote {args.num_clips} clips to {len(paths)} shard(s) in {args.output_dir}")
+
+
+def run() -> None:
+  """Console-script entry (`avgen-synthetic`)."""
+  main()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def _combine(out: jax.Array, batch: int, scale) -> jax.Array:
   return uncond + scale * (cond - uncond)
 
 
-def guided(model_fn: ModelFn, scale_video, scale_audio, *, text_cond: Any):
+def guided(model_fn: ModelFn, scale_video, scale_audio, text_cond: Any):
   """Returns `denoise_fn(video_t, audio_t, t_video, t_audio) -> (video_out, audio_out)`.
 
   Args:

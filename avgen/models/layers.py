@@ -91,10 +91,8 @@ class LayerNorm(nnx.Module):
   def __init__(self, dim: int, *, rngs: nnx.Rngs | None = None, affine: bool = True,
                names: Names = ("embed",), eps: float = 1e-6, param_dtype=jnp.float32):
     self.eps = eps
-    self.scale = self.bias = None
-    if affine:
-      self.scale = param(rngs, nnx.initializers.ones_init(), dim, names, param_dtype)
-      self.bias = param(rngs, nnx.initializers.zeros_init(), dim, names, param_dtype)
+    self.scale = param(rngs, nnx.initializers.ones_init(), dim, names, param_dtype) if affine else None
+    self.bias = param(rngs, nnx.initializers.zeros_init(), dim, names, param_dtype) if affine else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -125,10 +123,9 @@ class Attention(nnx.Module):
     self.k = Dense(context_width, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
     self.v = Dense(context_width, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
     self.out = Dense((num_heads, head_dim), width, ("heads", "kv", "embed"), zero_init=zero_out, **kw)
-    self.q_norm = self.k_norm = None
-    if qk_norm:
-      self.q_norm = RMSNorm(head_dim, rngs=rngs, names=("kv",), param_dtype=param_dtype)
-      self.k_norm = RMSNorm(head_dim, rngs=rngs, names=("kv",), param_dtype=param_dtype)
+    norm = lambda: RMSNorm(head_dim, rngs=rngs, names=("kv",), param_dtype=param_dtype)
+    self.q_norm = norm() if qk_norm else None
+    self.k_norm = norm() if qk_norm else None
     self.impl = impl
 
   def qkv(self, x: jax.Array, context: jax.Array | None = None):

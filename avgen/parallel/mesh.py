@@ -14,9 +14,12 @@ def build_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(config, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
-  if devices is jax.devices() or len(devices) == jax.device_count():
-    return jax.make_mesh(shape, MESH_AXES, devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  # Auto axes: XLA propagates shardings from the parameters' layouts and our logical
+  # constraints (explicit-sharding mode would make every gather/einsum spell out its output).
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if len(devices) == jax.device_count():
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -139,10 +139,12 @@ def write_mp4(path: str | os.PathLike, video: Any, fps: float, audio: Any | None
     path: output file; written to a temporary name next to it and renamed when complete.
     video: uint8 [T, H, W, 3] RGB frames.
     fps: frames per second (> 0).
-    audio: mono float [S] in [-1, 1] or None for a silent (video-only) file. It is cut or
+    audio: mono float [S] in [-1, 1] (clipped), or None for a video-only file. It is cut or
       zero-padded to round(T / fps * sample_rate) samples so both streams end together.
     sample_rate: audio sample rate in Hz; required with audio.
     scale: integer nearest-neighbour upscale, so that a 32x32 sample is watchable (8 -> 256x256).
+      An odd scaled size gets one black row/column (H.264 4:2:0 needs even sizes), which
+      read_video then returns too.
     crf: x264 quality (lower is better); the low default keeps tiny frames from smearing.
     audio_bitrate: AAC bitrate.
   """
@@ -163,7 +165,7 @@ def write_mp4(path: str | os.PathLike, video: Any, fps: float, audio: Any | None
   if scale > 1:
     filters.append(f"scale=iw*{scale}:ih*{scale}:flags=neighbor")
   if (height * scale) % 2 or (width * scale) % 2:
-    # yuv420p needs even sizes; pad by repeating nothing (black) on the right/bottom edge.
+    # yuv420p needs even sizes: one black column/row on the right/bottom.
     filters.append("pad=ceil(iw/2)*2:ceil(ih/2)*2")
   # Convert and tag as BT.709 (limited range), which players assume for web video, so colours
   # look the same in a browser as in our own decoder.
@@ -200,8 +202,9 @@ def _section(log: str, header: str) -> str:
   start = log.find(header)
   if start < 0:
     return ""
-  end = log.find("Output #" if header.startswith("Input") else "Stream mapping:", start + 1)
-  return log[start:end if end > 0 else len(log)]
+  ends = [i for i in (log.find(m, start + 1) for m in ("Input #", "Output #", "Stream mapping:"))
+          if i > 0]
+  return log[start:min(ends, default=len(log))]
 
 
 def _streams(section: str) -> dict[str, str]:
@@ -217,7 +220,7 @@ def _codec(desc: str) -> str:
 
 
 def _size(desc: str) -> tuple[int, int]:
-  match = re.search(r"(?:^|[ ,])(\d+)x(\d+)(?:[ ,\[]|$)", desc)
+  match = re.search(r", (\d+)x(\d+)(?=[ ,\[]|$)", desc)
   if not match:
     raise MediaError(f"cannot read the frame size from ffmpeg's stream line: {desc!r}")
   return int(match.group(1)), int(match.group(2))
@@ -399,24 +402,21 @@ def read_audio(path: str | os.PathLike, *, sample_rate: int, mono: bool = True,
                start: float = 0.0, duration: float | None = None) -> np.ndarray:
   """Decodes the first audio stream, resampled by ffmpeg to `sample_rate`.
 
-  Returns float32 [S] (mono=True: channels averaged) or [S, C] (mono=False).
+  Returns float32 [S] (mono=True: the mean of the channels) or [S, C] (mono=False).
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"read_audio: no such file: {os.fspath(path)!r}")
   sample_rate = _check_sample_rate(sample_rate)
   args = [*_window_args(start, None), "-i", _file_arg(path), *_window_args(0.0, duration),
-          "-map", "0:a:0", "-ar", str(sample_rate)]
-  if mono:
-    args += ["-ac", "1"]
-  args += ["-f", "f32le", "-c:a", "pcm_f32le", "pipe:1"]
+          "-map", "0:a:0", "-ar", str(sample_rate), "-f", "f32le", "-c:a", "pcm_f32le", "pipe:1"]
   try:
     out, log = _run_ffmpeg(args, what=f"read_audio {path}")
   except MediaError as e:
     if "matches no streams" in str(e):
       raise MediaError(f"read_audio {path}: the file has no audio stream") from None
     raise
-  audio = np.frombuffer(out, "<f4").astype(np.float32)
-  if mono:
-    return audio
   channels = _channels(_streams(_section(log, "Output #0"))["audio"])
-  return audio.reshape(-1, channels)
+  audio = np.frombuffer(out, "<f4").reshape(-1, channels)
+  # A plain mean, not ffmpeg's -ac 1 downmix, which scales each channel by 1/sqrt(2) and so
+  # makes stereo louder than its channels.
+  return audio.mean(axis=1, dtype=np.float32) if mono else audio.astype(np.float32)

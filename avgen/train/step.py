@@ -120,7 +120,7 @@ def make_train_step(config, graphdef, rest, tx: optax.GradientTransformation, me
       grads = jax.tree.map(lambda g: g / accum, grads)
       metrics = jax.tree.map(jnp.mean, metrics)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

@@ -68,7 +68,13 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+          ) -> state_lib.TrainState:
+  """Trains to config.train.num_steps, resuming from workdir's latest checkpoint.
+
+  `stop_at_step` ends this run early with a checkpoint, as a preemption would (time-boxed jobs,
+  tests); the learning-rate schedule still follows num_steps.
+  """
   config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
@@ -127,14 +133,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainSta
           print(progress.line(step, shown), flush=True)
 
       last = step == t.num_steps
-      if step % t.checkpoint_every == 0 or last or preemption.requested:
+      stopping = preemption.requested or step == stop_at_step
+      if step % t.checkpoint_every == 0 or last or stopping:
         _save(ckpt, step, state, data_iter, config)
       if config.sample.every and (step % config.sample.every == 0 or last):
         generator = generator or _make_generator(config, graphdef, rest)
         write_samples(generator, state, config, workdir, step, writer)
-      if preemption.requested:
+      if stopping:
         ckpt.wait()
-        _log.warning("exiting after preemption at step %d", step)
+        _log.warning("stopping at step %d before num_steps=%d", step, t.num_steps)
         break
   finally:
     preemption.restore()

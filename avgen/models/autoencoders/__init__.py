@@ -53,7 +53,8 @@ def build_video_codec(config):
 
 def build_audio_codec(config) -> AudioCodec:
   if config.latent.audio != "mel":
-    raise ValueError(f"config.latent.audio must be one of {AUDIO_LATENTS}, got {config.latent.audio!r}")
+    raise ValueError(
+        f"config.latent.audio must be one of {AUDIO_LATENTS}, got {config.latent.audio!r}")
   mel = MelCodec.from_config(config)
   vocoder = config.latent.vocoder
   if vocoder == "griffin_lim":

@@ -1,8 +1,8 @@
 """Griffin-Lim vocoder: normalized log-mel -> waveform with no learned parts (demo configs).
 
-mel -> linear magnitude by non-negative least squares (per frame) against the mel filterbank, then phase by
-fast Griffin-Lim (alternating projections with momentum, Perraudin et al. 2013) using the
-MelCodec's own STFT framing, so the waveform lines up with the mel frames.
+mel -> linear magnitude by non-negative least squares (per frame) against the mel filterbank,
+then phase by fast Griffin-Lim (alternating projections with momentum, Perraudin et al. 2013)
+using the MelCodec's own STFT framing, so the waveform lines up with the mel frames.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ class GriffinLimVocoder:
     if mel.ndim == 3:
       return np.stack([self.decode(x) for x in np.asarray(latent)])
     if mel.ndim != 2:
-      raise ValueError(f"GriffinLimVocoder.decode: latent must be [N, n_mels] or [B, N, n_mels], got {mel.shape}")
+      raise ValueError(
+          "GriffinLimVocoder.decode: latent must be [N, n_mels] or [B, N, n_mels], "
+          f"got {mel.shape}")
     basis = self.mel.mel_basis
     magnitude = np.stack([scipy.optimize.nnls(basis, frame)[0] for frame in mel])  # [N, F]
     rng = np.random.default_rng(self.seed)

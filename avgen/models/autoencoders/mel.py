@@ -102,11 +102,13 @@ class MelCodec:
     """wave float [S] or [B, S] -> normalized log-mel float32 [N, n_mels] or [B, N, n_mels]."""
     wave = np.asarray(wave)
     if wave.ndim not in (1, 2) or not np.issubdtype(wave.dtype, np.floating):
-      raise ValueError(f"MelCodec.encode: wave must be float [S] or [B, S], got {wave.dtype} {wave.shape}")
+      raise ValueError(
+          f"MelCodec.encode: wave must be float [S] or [B, S], got {wave.dtype} {wave.shape}")
     num_frames = self.num_frames(wave.shape[-1])
     if num_frames == 0:
       raise ValueError(
-          f"MelCodec.encode: wave has {wave.shape[-1]} samples, fewer than hop_length={self.hop_length}")
+          f"MelCodec.encode: wave has {wave.shape[-1]} samples, fewer than "
+          f"hop_length={self.hop_length}")
     magnitude = np.abs(self.stft(wave, num_frames))
     mel = magnitude @ self.mel_basis.T
     return ((np.log(np.maximum(mel, self.log_floor)) - self.mean) / self.std).astype(np.float32)
@@ -116,5 +118,6 @@ class MelCodec:
     latent = np.asarray(latent, np.float64)
     if latent.ndim < 2 or latent.shape[-1] != self.n_mels:
       raise ValueError(
-          f"MelCodec: mel latent must have shape [..., N, n_mels={self.n_mels}], got {latent.shape}")
+          f"MelCodec: mel latent must have shape [..., N, n_mels={self.n_mels}], "
+          f"got {latent.shape}")
     return np.exp(latent * self.std + self.mean)

@@ -1,0 +1,202 @@
+"""AV-DiT: one transformer over the joint sequence [video tokens; audio tokens].
+
+  c_v = temb_v(t_video) + pool(text),  c_a = temb_a(t_audio) + pool(text)
+  per block, with (shift, scale, gate) taken from c_v on video tokens and from c_a on audio:
+    x += gate1 * SelfAttn(modulate(norm(x)))        joint attention, RoPE on the shared time axis
+    x += CrossAttn(norm(x), text)                   text padding masked by length
+    x += gate2 * MLP(modulate(norm(x)))
+  then the temporal alignment module, the split, and the per-modality heads.
+
+With `shared_weights=False` every projection (qkv, attention out, cross-attention, MLP) has one
+copy per modality; the self-attention is still one call over the whole sequence.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from avgen.models import rope as rope_lib
+from avgen.models.embeddings import AudioPatchEmbed, ModalityEmbedding, TimestepEmbedder, VideoPatchEmbed
+from avgen.models.heads import AudioHead, VideoHead
+from avgen.models.layers import ACT, MLP, AdaLN, Attention, Dense, LayerNorm, modulate
+from avgen.models.temporal_alignment import TemporalAlignment
+from avgen.parallel.sharding import constrain
+
+REMAT = ("none", "full", "dots")
+
+
+class DiTOutput(NamedTuple):
+  video: jax.Array  # [B, T, h, w, C]
+  audio: jax.Array  # [B, N, n_mels]
+  align_video: jax.Array  # [B, W, align_width]
+  align_audio: jax.Array  # [B, W, align_width]
+
+
+class DiTBlock(nnx.Module):
+  """One joint block; `num_video` tokens of the sequence are video, the rest audio."""
+
+  def __init__(self, width: int, num_heads: int, mlp_ratio: float, text_width: int, num_video: int,
+               *, rngs: nnx.Rngs, shared_weights: bool = True, qk_norm: bool = True, impl: str = "auto",
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    copies = 1 if shared_weights else 2
+    self.num_video = num_video
+    self.adaln_v = AdaLN(width, width, 6, **kw)
+    self.adaln_a = AdaLN(width, width, 6, **kw)
+    self.norm1 = LayerNorm(width, affine=False)
+    self.norm_cross = LayerNorm(width, rngs=rngs, param_dtype=param_dtype)
+    self.norm2 = LayerNorm(width, affine=False)
+    # Per-modality copies are [video, audio]; the cross-attention output starts at zero so that
+    # the whole block starts as the identity (the other branches are gated by AdaLN-Zero).
+    self.attn = nnx.List([Attention(width, num_heads, qk_norm=qk_norm, impl=impl, **kw)
+                          for _ in range(copies)])
+    self.cross = nnx.List([Attention(width, num_heads, context_width=text_width, qk_norm=qk_norm,
+                                     zero_out=True, impl=impl, **kw) for _ in range(copies)])
+    self.mlp = nnx.List([MLP(width, int(width * mlp_ratio), **kw) for _ in range(copies)])
+
+  def _split(self, x: jax.Array) -> list[jax.Array]:
+    """The sequence as one part (shared weights) or as [video, audio] parts."""
+    if len(self.attn) == 1:
+      return [x]
+    return [x[:, :self.num_video], x[:, self.num_video:]]
+
+  def _per_token(self, video_vec: jax.Array, audio_vec: jax.Array, length: int) -> jax.Array:
+    """[B, 1, D] per modality -> [B, L, D]: video's vector on video tokens, audio's on audio."""
+    b, _, d = video_vec.shape
+    return jnp.concatenate([jnp.broadcast_to(video_vec, (b, self.num_video, d)),
+                            jnp.broadcast_to(audio_vec, (b, length - self.num_video, d))], 1)
+
+  def _self_attention(self, h: jax.Array, rope) -> jax.Array:
+    parts = [attn.qkv(p) for attn, p in zip(self.attn, self._split(h))]
+    q, k, v = (jnp.concatenate(t, 1) for t in zip(*parts))
+    q, k = rope_lib.apply_rope(q, *rope), rope_lib.apply_rope(k, *rope)
+    o = self.attn[0].attend(q, k, v)
+    return jnp.concatenate([attn.output(p) for attn, p in zip(self.attn, self._split(o))], 1)
+
+  def __call__(self, x, c_video, c_audio, text, text_lengths, rope) -> jax.Array:
+    length = x.shape[1]
+    mods = [self._per_token(v, a, length) for v, a in zip(self.adaln_v(c_video), self.adaln_a(c_audio))]
+    shift1, scale1, gate1, shift2, scale2, gate2 = mods
+    x = x + gate1 * self._self_attention(modulate(self.norm1(x), shift1, scale1), rope)
+    h = self.norm_cross(x)
+    x = x + jnp.concatenate([cross(p, text, kv_lengths=text_lengths)
+                             for cross, p in zip(self.cross, self._split(h))], 1)
+    h = modulate(self.norm2(x), shift2, scale2)
+    x = x + gate2 * jnp.concatenate([mlp(p) for mlp, p in zip(self.mlp, self._split(h))], 1)
+    return constrain(x, ACT)
+
+
+def _remat_policy(mode: str):
+  if mode not in REMAT:
+    raise ValueError(f"model.remat: unknown mode {mode!r}; expected one of {REMAT}")
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable if mode == "dots" else None
+
+
+class AVDiT(nnx.Module):
+  """The joint audio-video DiT; shapes are fixed by the config at construction."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    d, m = config.data, config.model
+    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    down = config.latent.video_downsample
+    pt, ph, pw = self.video_patch = tuple(m.video_patch)
+    self.video_shape = (d.num_frames, d.height // down, d.width // down, config.latent.video_channels)
+    self.audio_shape = (rope_lib.num_mel_frames(config), config.mel.n_mels)
+    t, h, w, c = self.video_shape
+    n, mels = self.audio_shape
+    for name, size, p in (("num_frames", t, pt), ("latent height", h, ph), ("latent width", w, pw)):
+      if size % p:
+        raise ValueError(f"model.video_patch={tuple(m.video_patch)}: video {name} {size} is not divisible by {p}")
+    if n % m.audio_patch:
+      raise ValueError(f"model.audio_patch={m.audio_patch} must divide the N={n} mel frames of a clip")
+    if m.width % m.num_heads:
+      raise ValueError(f"model.width={m.width} must be divisible by model.num_heads={m.num_heads}")
+    self.grid = (t // pt, h // ph, w // pw)
+    self.num_video = self.grid[0] * self.grid[1] * self.grid[2]
+    self.num_audio = n // m.audio_patch
+    self.head_dim = m.width // m.num_heads
+    self.rope_theta = m.rope_theta
+    self.remat_policy_name = m.remat
+    _remat_policy(m.remat)
+    # Scalars only: a module's static attributes should stay small and hashable.
+    self.audio_timing = (n, m.audio_patch, config.mel.hop_length, d.sample_rate, d.fps)
+    audio_pos = rope_lib.audio_positions(*self.audio_timing)
+    self.dtype = dtype
+
+    self.video_embed = VideoPatchEmbed(self.video_patch, c, m.width, **kw)
+    self.audio_embed = AudioPatchEmbed(m.audio_patch, mels, m.width, **kw)
+    self.modality = ModalityEmbedding(m.width, rngs=rngs, param_dtype=param_dtype)
+    self.t_embed_v = TimestepEmbedder(m.width, **kw)
+    self.t_embed_a = TimestepEmbedder(m.width, **kw)
+    self.text_pool1 = Dense(m.text_width, m.width, ("embed", "mlp"), **kw)
+    self.text_pool2 = Dense(m.width, m.width, ("mlp", "embed"), **kw)
+    self.blocks = nnx.List([
+        DiTBlock(m.width, m.num_heads, m.mlp_ratio, m.text_width, self.num_video,
+                 shared_weights=m.shared_weights, qk_norm=m.qk_norm, impl=m.attention_impl, **kw)
+        for _ in range(m.depth)])
+    self.align = TemporalAlignment(
+        m.width, m.num_heads, grid=self.grid, frame_patch=pt, audio_times=audio_pos[:, 0].tolist(),
+        num_frames=t, align_window=m.align_window, align_width=m.align_width, qk_norm=m.qk_norm,
+        rope_theta=m.rope_theta, impl=m.attention_impl, **kw)
+    self.video_head = VideoHead(m.width, self.grid, self.video_patch, m.video_head_channels, c,
+                                m.video_head_depth, **kw)
+    self.audio_head = AudioHead(m.width, m.num_heads, m.audio_head_depth, m.audio_patch, mels,
+                                mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm, rope_theta=m.rope_theta,
+                                impl=m.attention_impl, **kw)
+
+  def pooled_text(self, text: jax.Array, text_mask: jax.Array) -> jax.Array:
+    """Masked mean of the text states through a small MLP -> [B, width]."""
+    weights = text_mask.astype(jnp.float32)[..., None]
+    mean = jnp.sum(text.astype(jnp.float32) * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+    return self.text_pool2(jax.nn.silu(self.text_pool1(mean)))
+
+  def _check(self, video, audio, t_video, t_audio, text, text_mask):
+    b = video.shape[0]
+    if video.shape[1:] != self.video_shape:
+      raise ValueError(f"AVDiT: video must be [B, *{self.video_shape}] (T, h, w, C), got {video.shape}")
+    if audio.shape != (b, *self.audio_shape):
+      raise ValueError(f"AVDiT: audio must be [{b}, *{self.audio_shape}] (N, n_mels), got {audio.shape}")
+    for name, tt in (("t_video", t_video), ("t_audio", t_audio)):
+      if tt.shape != (b,):
+        raise ValueError(f"AVDiT: {name} must be [B]=[{b}], got {tt.shape}")
+    if text.ndim != 3 or text.shape[0] != b or text_mask.shape != text.shape[:2]:
+      raise ValueError(f"AVDiT: text states [B, L, D] and mask [B, L] expected, got {text.shape}, "
+                       f"{text_mask.shape}")
+
+  def __call__(self, video, audio, t_video, t_audio, text, text_mask) -> DiTOutput:
+    """Predictions for noisy video [B, T, h, w, C] and audio [B, N, n_mels] at times t [B]."""
+    self._check(video, audio, t_video, t_audio, text, text_mask)
+    xv = self.video_embed(video) + self.modality(ModalityEmbedding.VIDEO, self.dtype)
+    xa = self.audio_embed(audio) + self.modality(ModalityEmbedding.AUDIO, self.dtype)
+    pooled = self.pooled_text(text, text_mask)
+    c_video = self.t_embed_v(t_video) + pooled
+    c_audio = self.t_embed_a(t_audio) + pooled
+    text = text.astype(self.dtype)
+    text_lengths = jnp.sum(text_mask, -1).astype(jnp.int32)
+    sections = rope_lib.rope_sections(self.head_dim)
+    positions = np.concatenate([
+        rope_lib.video_positions(*self.video_shape[:3], self.video_patch),
+        rope_lib.audio_positions(*self.audio_timing)])
+    rope = rope_lib.rope_tables(positions, sections, self.rope_theta)
+
+    x = constrain(jnp.concatenate([xv, xa], 1), ACT)
+    policy = _remat_policy(self.remat_policy_name)
+    for block in self.blocks:
+      if self.remat_policy_name == "none":
+        x = block(x, c_video, c_audio, text, text_lengths, rope)
+      else:
+        x = nnx.remat(lambda blk, *args: blk(*args), policy=policy)(
+            block, x, c_video, c_audio, text, text_lengths, rope)
+    xv, xa = x[:, :self.num_video], x[:, self.num_video:]
+    xv, xa, align_video, align_audio = self.align(xv, xa)
+    video_out = self.video_head(xv, c_video)
+    audio_out = self.audio_head(xa, c_audio)
+    f32 = jnp.float32
+    return DiTOutput(video_out.astype(f32), audio_out.astype(f32), align_video.astype(f32),
+                     align_audio.astype(f32))

@@ -1,0 +1,247 @@
+"""Grain input pipeline: ArrayRecord shards -> batches of diffusion latents, checkpointable.
+
+Order of operations (each host builds the same pipeline with its own `shard_index`):
+
+  ArrayRecordDataSource(all shards) -> global shuffle (seed; reshuffled every epoch)
+  -> this host's slice [shard_index::shard_count] -> repeat(num_epochs)
+  -> decode + check against the config + encode latents + tokenize (reader threads)
+  -> batch (dropping corrupt records, counting them; remainder dropped)
+  -> prefetch (a thread, or `data.num_workers` processes)
+
+A record that fails to decode (`schema.SchemaError`) is corrupt: it is skipped and counted in the
+`skipped_records` field of the next example, so `batch["skipped_records"].sum()` is the number of
+corrupt records skipped for that batch (the end of a finite stream logs what is left). With worker
+processes each worker batches its own slice, so the batch order differs from num_workers=0.
+A record that decodes but disagrees with the config
+(frames, size, fps, sample rate, cached latent shapes) is a configuration mistake and raises.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+
+from avgen.models.autoencoders.mel import MelCodec
+from avgen.models.autoencoders.pixels import PixelCodec
+from avgen.models.tokenizer import ByteTokenizer
+from data_pipeline import schema
+
+_CORRUPT = "_corrupt_record"
+# Elements decoded ahead per host by the reader threads; batches ahead come from `data.prefetch`.
+_READ_THREADS = 4
+
+
+def resolve_paths(pattern_or_list: str | Sequence[str]) -> list[str]:
+  """Globs, directories (-> their *.array_record files) and file paths -> sorted list of files.
+
+  Raises ValueError naming the input when it is empty, a glob matches nothing, or a file is missing.
+  """
+  if isinstance(pattern_or_list, (str, os.PathLike)):
+    items = [os.fspath(pattern_or_list)]
+  else:
+    items = [os.fspath(p) for p in pattern_or_list]
+  if not items or any(not p for p in items):
+    raise ValueError(f"data paths: got no path ({pattern_or_list!r}); set config.data.path")
+  out: list[str] = []
+  for item in items:
+    if glob.has_magic(item):
+      matches = sorted(p for p in glob.glob(item) if os.path.isfile(p))
+      if not matches:
+        raise ValueError(f"data paths: glob {item!r} matches no file")
+      out.extend(matches)
+    elif os.path.isdir(item):
+      matches = sorted(glob.glob(os.path.join(item, "*" + schema.SHARD_SUFFIX)))
+      if not matches:
+        raise ValueError(f"data paths: directory {item!r} holds no *{schema.SHARD_SUFFIX} file")
+      out.extend(matches)
+    elif os.path.isfile(item):
+      out.append(item)
+    else:
+      raise ValueError(f"data paths: file {item!r} does not exist")
+  return out
+
+
+class ExampleTransform:
+  """Record bytes -> model inputs for one example, or a corrupt-record marker.
+
+  Holds only plain values and numpy arrays so that grain can pickle it into worker processes.
+  """
+
+  def __init__(self, config):
+    d = config.data
+    self.num_frames, self.height, self.width = int(d.num_frames), int(d.height), int(d.width)
+    self.fps, self.sample_rate = float(d.fps), int(d.sample_rate)
+    self.num_samples = schema.expected_num_samples(self.num_frames, self.fps, self.sample_rate)
+    self.video_kind = config.latent.video
+    if config.latent.audio != "mel":
+      raise ValueError(f"loader: config.latent.audio must be 'mel', got {config.latent.audio!r}")
+    factor = int(config.latent.video_downsample)
+    self.latent_shape = (self.num_frames, self.height // factor, self.width // factor,
+                         int(config.latent.video_channels))
+    self.pixels = PixelCodec()
+    self.mel = MelCodec.from_config(config)
+    self.mel_shape = (self.mel.num_frames(self.num_samples), self.mel.n_mels)
+    self.tokenizer = ByteTokenizer(int(d.caption_max_len))
+
+  def __call__(self, record: bytes) -> dict[str, np.ndarray]:
+    try:
+      ex = schema.decode_example(record)
+    except schema.SchemaError as e:
+      logging.warning("loader: skipping corrupt record: %s", e)
+      return {_CORRUPT: np.int32(1)}
+    self._check(ex)
+    if self.video_kind == "pixels":
+      video = self.pixels.encode(ex["video"])
+    else:
+      video = ex.get("video_latent")
+      if video is None:
+        raise ValueError(
+            f"loader: config.latent.video={self.video_kind!r} reads the precomputed field "
+            "'video_latent', which this record lacks; precompute latents into the shards or use "
+            "latent.video='pixels'")
+      video = video.astype(np.float32)
+    mel = ex.get("audio_mel")
+    mel = self.mel.encode(ex["audio"]) if mel is None else mel.astype(np.float32)
+    ids, mask = self.tokenizer([ex["caption"]])
+    return {"video": video, "audio": mel, "text_ids": ids[0], "text_mask": mask[0]}
+
+  def _check(self, ex: dict[str, Any]) -> None:
+    def fail(field, got, rule):
+      raise ValueError(f"loader: record field {field!r} is {got} but {rule}; the data does not "
+                       "match the config")
+
+    t, h, w, _ = ex["video"].shape
+    if (t, h, w) != (self.num_frames, self.height, self.width):
+      fail("video", f"[T={t}, H={h}, W={w}]", f"config.data has num_frames={self.num_frames}, "
+           f"height={self.height}, width={self.width}")
+    if abs(ex["fps"] - self.fps) > 1e-6:
+      fail("fps", ex["fps"], f"config.data.fps={self.fps}")
+    if ex["sample_rate"] != self.sample_rate:
+      fail("sample_rate", ex["sample_rate"], f"config.data.sample_rate={self.sample_rate}")
+    if ex.get("audio_mel") is not None and ex["audio_mel"].shape != self.mel_shape:
+      fail("audio_mel", f"shape {ex['audio_mel'].shape}",
+           f"config.mel (hop_length, n_mels) gives {self.mel_shape}")
+    if self.video_kind != "pixels" and ex.get("video_latent") is not None:
+      if ex["video_latent"].shape != self.latent_shape:
+        fail("video_latent", f"shape {ex['video_latent'].shape}",
+             f"config.latent (video_downsample, video_channels) gives {self.latent_shape}")
+
+
+class _BatchIterator(grain.DatasetIterator):
+  """Batches examples, dropping corrupt-record markers and counting them into `skipped_records`.
+
+  Each example's count is the number of corrupt records met since the previous example. At the
+  end of a finite stream the examples that do not fill a batch, and the corrupt records after
+  the last full batch, are logged rather than dropped silently.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._pending = 0  # corrupt records met since the last example (0 between batches)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    examples = []
+    while len(examples) < self._batch_size:
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        skipped = self._pending + sum(int(e["skipped_records"]) for e in examples)
+        if examples or skipped:
+          logging.warning(
+              "loader: end of data: %d example(s) too few for a batch of %d are dropped; %d "
+              "corrupt record(s) were skipped after the last full batch", len(examples),
+              self._batch_size, skipped)
+        self._pending = 0
+        raise
+      if _CORRUPT in element:
+        self._pending += 1
+        continue
+      element["skipped_records"] = np.int32(self._pending)
+      self._pending = 0
+      examples.append(element)
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "pending": self._pending}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._pending = int(state["pending"])
+
+
+class _BatchIterDataset(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+
+  def __iter__(self) -> _BatchIterator:
+    return _BatchIterator(self._parent.__iter__(), self._batch_size)
+
+  def __str__(self) -> str:
+    return f"BatchSkippingCorruptIterDataset(batch_size={self._batch_size})"
+
+
+def make_loader(
+    config,
+    paths: str | Sequence[str],
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    seed: int | None = None,
+    num_epochs: int | None = None,
+) -> grain.DatasetIterator:
+  """A checkpointable iterator of this host's batches (see the module docstring).
+
+  Each batch: `video` float32 [b, T, h, w, C], `audio` float32 [b, N, n_mels], `text_ids` int32
+  [b, L], `text_mask` bool [b, L], `skipped_records` int32 [b], with b = data.batch_size /
+  shard_count. `seed` defaults to data.shuffle_seed; `num_epochs=None` repeats forever.
+  """
+  files = resolve_paths(paths)
+  d = config.data
+  if not (isinstance(shard_count, int) and shard_count >= 1):
+    raise ValueError(f"make_loader: shard_count must be an int >= 1, got {shard_count!r}")
+  if not (isinstance(shard_index, int) and 0 <= shard_index < shard_count):
+    raise ValueError(
+        f"make_loader: need 0 <= shard_index < shard_count={shard_count}, got {shard_index!r}")
+  if d.batch_size % shard_count:
+    raise ValueError(f"make_loader: config.data.batch_size={d.batch_size} is not divisible by "
+                     f"shard_count={shard_count} (hosts)")
+  per_host_batch = d.batch_size // shard_count
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"make_loader: num_epochs must be None (forever) or >= 1, got {num_epochs}")
+  seed = d.shuffle_seed if seed is None else seed
+  transform = ExampleTransform(config)  # validates the latent config before any reading
+
+  source = grain.sources.ArrayRecordDataSource(files)
+  num_records = len(source)
+  if num_records < shard_count:
+    raise ValueError(
+        f"make_loader: {num_records} records in {len(files)} file(s) ({files[0]}, ...) cannot be "
+        f"split over shard_count={shard_count} hosts")
+  # Mix the seed so that seed s + 1 is not seed s shifted by one epoch (grain adds the epoch).
+  shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+  ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
+  # Equal-length disjoint slices per epoch, so every host makes the same number of steps.
+  ds = ds[shard_index:num_records - num_records % shard_count:shard_count]
+  ds = ds.repeat(num_epochs).map(transform)
+  read_options = grain.ReadOptions(
+      num_threads=_READ_THREADS, prefetch_buffer_size=max(1, d.prefetch) * per_host_batch)
+  it_ds = _BatchIterDataset(ds.to_iter_dataset(read_options), per_host_batch)
+  if d.num_workers > 0:
+    # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) they would
+    # fail on unparsed flags, so take the defaults there.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=d.num_workers, per_worker_buffer_size=max(1, d.prefetch)))
+  elif d.prefetch > 0:
+    it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=d.prefetch)
+  return iter(it_ds)
