@@ -53,15 +53,23 @@ def perturb(model, scale=0.05, seed=1):
   return model
 
 
-def forward(model, batch):
-  return nnx.jit(lambda m, b: m(**b))(model, batch)
+# One jitted function per kind of call: models with equal structure reuse the compiled code.
+forward = nnx.jit(lambda model, batch: model(**batch))
+perturb = nnx.jit(perturb, static_argnums=(1, 2))
 
 
 @pytest.fixture(scope="module")
-def active():
-  """A tiny model with every parameter perturbed, and its config."""
+def fresh():
+  """A tiny model as initialised, and its config."""
   config = tiny_config()
-  return perturb(build_model(config, nnx.Rngs(0))), config
+  return build_model(config, nnx.Rngs(0)), config
+
+
+@pytest.fixture(scope="module")
+def active(fresh):
+  """The tiny model with every parameter perturbed (a copy; `fresh` stays as initialised)."""
+  model, config = fresh
+  return perturb(nnx.clone(model)), config
 
 
 def _abstract_output(config, batch=2):
@@ -93,9 +101,8 @@ def test_demo_token_counts():
   assert (model.dit.num_video, model.dit.num_audio) == (8 * 8 * 8, 16)
 
 
-def test_init_predicts_zero_and_every_block_is_identity():
-  config = tiny_config()
-  model = build_model(config, nnx.Rngs(0))
+def test_init_predicts_zero_and_every_block_is_identity(fresh):
+  model, config = fresh
   batch = inputs(config)
   out = forward(model, batch)
   assert np.all(np.asarray(out.video) == 0) and np.all(np.asarray(out.audio) == 0)
@@ -110,9 +117,10 @@ def test_init_predicts_zero_and_every_block_is_identity():
   text = jnp.asarray(rng.normal(size=(2, 16, config.model.text_width)), jnp.float32)
   positions = np.concatenate(rope.token_positions(config))
   tables = rope.rope_tables(positions, rope.rope_sections(dit.head_dim), config.model.rope_theta)
+  call = nnx.jit(lambda module, *args: module(*args))
   for block in dit.blocks:
-    np.testing.assert_array_equal(block(x, c, -c, text, jnp.array([3, 16]), tables), x)
-  xv, xa, _, _ = dit.align(x[:, :dit.num_video], x[:, dit.num_video:])
+    np.testing.assert_array_equal(call(block, x, c, -c, text, jnp.array([3, 16]), tables), x)
+  xv, xa, _, _ = call(dit.align, x[:, :dit.num_video], x[:, dit.num_video:])
   np.testing.assert_array_equal(xv, x[:, :dit.num_video])
   np.testing.assert_array_equal(xa, x[:, dit.num_video:])
 
@@ -151,19 +159,22 @@ def test_padded_text_positions_do_not_matter(active):
 
 
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("align_gates", ["on", "zero"])
-def test_audio_output_depends_on_video_input(shared, align_gates):
-  config = tiny_config(shared_weights=shared)
-  model = perturb(build_model(config, nnx.Rngs(0)))
-  if align_gates == "zero":  # only the joint self-attention can carry video into audio now
-    model.dit.align.gate_a[...] = jnp.zeros_like(model.dit.align.gate_a[...])
+def test_audio_output_depends_on_video_input(shared, active):
+  if shared:
+    model, config = nnx.clone(active[0]), active[1]
+  else:
+    config = tiny_config(shared_weights=False)
+    model = perturb(build_model(config, nnx.Rngs(0)))
   batch = inputs(config)
-  base = forward(model, batch)
-  other = forward(model, dict(batch, video=batch["video"][::-1]))
-  assert np.max(np.abs(np.asarray(other.audio) - np.asarray(base.audio))) > 1e-4
-  # Audio prediction of a sample depends on its own video, not on another sample's.
-  swapped = dict(batch, video=batch["video"].at[1].set(0.0))
-  np.testing.assert_allclose(forward(model, swapped).audio[0], base.audio[0], atol=1e-6)
+  other_video = dict(batch, video=batch["video"][::-1])
+  for align_gates in ("on", "zero"):
+    if align_gates == "zero":  # only the joint self-attention can carry video into audio now
+      model.dit.align.gate_a[...] = jnp.zeros_like(model.dit.align.gate_a[...])
+    base, other = forward(model, batch), forward(model, other_video)
+    assert np.max(np.abs(np.asarray(other.audio) - np.asarray(base.audio))) > 1e-4, align_gates
+  # A sample's audio prediction depends on its own video, not on another sample's.
+  zeroed = dict(batch, video=batch["video"].at[1].set(0.0))
+  np.testing.assert_allclose(forward(model, zeroed).audio[0], base.audio[0], atol=1e-6)
 
 
 def test_bfloat16_compute_is_close_to_float32(active):
@@ -178,40 +189,33 @@ def test_bfloat16_compute_is_close_to_float32(active):
     assert rel < 0.05, f"{name}: relative error {rel:.3g}"
 
 
-def _grads(config, state, batch):
-  model = build_model(config, nnx.Rngs(0))
-  nnx.update(model, state)
-
-  def loss(m):
-    out = m(**batch)
-    return sum(jnp.mean(jnp.square(x)) for x in out)
-
-  return nnx.jit(nnx.grad(loss))(model)
+def _loss(model, batch):
+  return sum(jnp.mean(jnp.square(x)) for x in model(**batch))
 
 
-def test_remat_variants_give_the_same_gradients(active):
-  model, config = active
-  state, batch = nnx.state(model, nnx.Param), inputs(config)
-  ref = _grads(config, state, batch)
-  for mode in ("full", "dots"):
-    got = _grads(tiny_config(remat=mode), state, batch)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, ref)
-  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref)) > 0
+grads = nnx.jit(nnx.grad(_loss))
 
 
-def test_alignment_features_get_gradients_at_init():
-  config = tiny_config()
+def test_remat_variants_give_the_same_gradients():
+  small = dict(depth=2, audio_head_depth=0, video_head_depth=0)
+  config = tiny_config(**small)
   model = build_model(config, nnx.Rngs(0))
   batch = inputs(config)
+  # At init the heads output 0, so the only gradient reaching the alignment convs and the last
+  # block's gates comes from the alignment features: they train from step 0.
+  at_init = grads(model, batch)
+  assert float(jnp.max(jnp.abs(at_init.dit.align.conv_v.kernel[...]))) > 0
+  assert float(jnp.max(jnp.abs(at_init.dit.align.conv_a.kernel[...]))) > 0
+  assert float(jnp.max(jnp.abs(at_init.dit.blocks[1].adaln_v.proj.kernel[...]))) > 0
 
-  def loss(m):
-    out = m(**batch)
-    return jnp.mean(out.align_video * out.align_audio)
-
-  grads = nnx.jit(nnx.grad(loss))(model)
-  assert float(jnp.max(jnp.abs(grads.dit.align.conv_v.kernel[...]))) > 0
-  assert float(jnp.max(jnp.abs(grads.dit.align.conv_a.kernel[...]))) > 0
-  assert float(jnp.max(jnp.abs(grads.dit.blocks[1].adaln_v.proj.kernel[...]))) > 0
+  state = nnx.state(perturb(model), nnx.Param)
+  ref = grads(model, batch)
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref)) > 0
+  for mode in ("full", "dots"):
+    other = build_model(tiny_config(remat=mode, **small), nnx.Rngs(0))
+    nnx.update(other, state)
+    got = grads(other, batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, ref)
 
 
 def test_alignment_windows_pool_the_right_tokens():

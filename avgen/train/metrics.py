@@ -39,7 +39,7 @@ class Writer:
 
   def audio(self, step: int, tag: str, wave: np.ndarray, sample_rate: int) -> None:
     if self.enabled:
-      self._tb.add_audio(tag, np.clip(np.asarray(wave, np.float32), -1, 1)[None], step, sample_rate=sample_rate)
+      self._tb.add_audio(tag, np.clip(np.asarray(wave, np.float32), -1, 1), step, sample_rate=sample_rate)
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:
