@@ -80,8 +80,8 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.fmin = 0.0
   m.fmax = 8000.0
   m.log_floor = 1e-5
-  m.mean = -5.0  # log-mel normalization: (log(max(mel, floor)) - mean) / std
-  m.std = 2.5
+  m.mean = -6.0  # log-mel normalization: (log(max(mel, floor)) - mean) / std; silence -> -1.4
+  m.std = 4.0
   m.griffin_lim_iters = 32
 
   # ---- model: the joint audio-video DiT.

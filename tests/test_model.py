@@ -20,7 +20,7 @@ def tiny_config(**model):
   c.data.height = c.data.width = 16
   c.data.caption_max_len = 16
   m = c.model
-  m.width, m.depth, m.num_heads = 64, 2, 2
+  m.width, m.depth, m.num_heads = 64, 1, 2
   m.audio_head_depth, m.video_head_depth, m.video_head_channels = 1, 1, 8
   m.align_width = 16
   m.text_width, m.text_depth, m.text_heads = 32, 1, 2
@@ -45,17 +45,14 @@ def inputs(config, batch=2, seed=0, captions=("a red circle bounces", "beep")):
 
 def perturb(model, scale=0.05, seed=1):
   """Adds noise to every parameter, so zero-initialised gates and heads become active."""
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(treedef, noisy))
+  rng = np.random.default_rng(seed)  # numpy: nothing to compile
+  noisy = lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape).astype(x.dtype))
+  nnx.update(model, jax.tree.map(noisy, nnx.state(model, nnx.Param)))
   return model
 
 
 # One jitted function per kind of call: models with equal structure reuse the compiled code.
 forward = nnx.jit(lambda model, batch: model(**batch))
-perturb = nnx.jit(perturb, static_argnums=(1, 2))
 
 
 @pytest.fixture(scope="module")
@@ -186,36 +183,49 @@ def test_bfloat16_compute_is_close_to_float32(active):
   for name, a, b in zip(DiTOutput._fields, ref, low):
     assert b.dtype == jnp.float32
     rel = np.linalg.norm(np.asarray(b) - np.asarray(a)) / np.linalg.norm(np.asarray(a))
-    assert rel < 0.05, f"{name}: relative error {rel:.3g}"
-
-
-def _loss(model, batch):
-  return sum(jnp.mean(jnp.square(x)) for x in model(**batch))
-
-
-grads = nnx.jit(nnx.grad(_loss))
+    assert 1e-5 < rel < 0.05, f"{name}: relative error {rel:.3g} (0 would mean bfloat16 was not used)"
 
 
 def test_remat_variants_give_the_same_gradients():
-  small = dict(depth=2, audio_head_depth=0, video_head_depth=0)
-  config = tiny_config(**small)
-  model = build_model(config, nnx.Rngs(0))
+  # Remat wraps the DiT blocks, so the gradients of the trunk (embeddings + blocks) show it; the
+  # rest of the model would only lengthen the compiles.
+  config = tiny_config()
   batch = inputs(config)
-  # At init the heads output 0, so the only gradient reaching the alignment convs and the last
-  # block's gates comes from the alignment features: they train from step 0.
-  at_init = grads(model, batch)
-  assert float(jnp.max(jnp.abs(at_init.dit.align.conv_v.kernel[...]))) > 0
-  assert float(jnp.max(jnp.abs(at_init.dit.align.conv_a.kernel[...]))) > 0
-  assert float(jnp.max(jnp.abs(at_init.dit.blocks[1].adaln_v.proj.kernel[...]))) > 0
+  text = jnp.asarray(np.random.default_rng(5).normal(size=(2, 16, config.model.text_width)), jnp.float32)
+  args = (batch["video"], batch["audio"], batch["t_video"], batch["t_audio"], text, batch["text_mask"])
 
-  state = nnx.state(perturb(model), nnx.Param)
-  ref = grads(model, batch)
-  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref)) > 0
-  for mode in ("full", "dots"):
-    other = build_model(tiny_config(remat=mode, **small), nnx.Rngs(0))
-    nnx.update(other, state)
-    got = grads(other, batch)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, ref)
+  def loss(dit):
+    xv, xa, _, _ = dit.trunk(*args)
+    return jnp.mean(jnp.square(xv)) + jnp.mean(jnp.sin(xa))
+
+  grads = nnx.jit(nnx.grad(loss))
+  state = None
+  for mode in ("none", "full", "dots"):
+    model = build_model(tiny_config(remat=mode), nnx.Rngs(0))
+    state = state or nnx.state(perturb(model), nnx.Param)
+    nnx.update(model, state)
+    got = grads(model.dit)
+    if mode == "none":
+      ref = got
+      assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref)) > 0
+    else:
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, ref)
+
+
+def test_alignment_features_get_gradients_at_init(fresh):
+  model, config = fresh
+  align = model.dit.align
+  rng = np.random.default_rng(0)
+  xv = jnp.asarray(rng.normal(size=(2, model.dit.num_video, config.model.width)), jnp.float32)
+  xa = jnp.asarray(rng.normal(size=(2, model.dit.num_audio, config.model.width)), jnp.float32)
+
+  def loss(module):
+    _, _, align_video, align_audio = module(xv, xa)
+    return jnp.mean(align_video * align_audio)
+
+  grads = nnx.jit(nnx.grad(loss))(align)
+  for name in ("conv_v", "conv_a", "norm_v", "norm_a"):
+    assert float(jnp.max(jnp.abs(jax.tree.leaves(grads[name])[0]))) > 0, name
 
 
 def test_alignment_windows_pool_the_right_tokens():

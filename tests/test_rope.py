@@ -1,6 +1,5 @@
 """Rotary embeddings on the shared video/audio time axis."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

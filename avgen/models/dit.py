@@ -169,21 +169,25 @@ class AVDiT(nnx.Module):
       raise ValueError(f"AVDiT: text states [B, L, D] and mask [B, L] expected, got {text.shape}, "
                        f"{text_mask.shape}")
 
-  def __call__(self, video, audio, t_video, t_audio, text, text_mask) -> DiTOutput:
-    """Predictions for noisy video [B, T, h, w, C] and audio [B, N, n_mels] at times t [B]."""
+  def rope_tables(self):
+    """(cos, sin) [Lv + La, head_dim/2] for the joint sequence."""
+    positions = np.concatenate([
+        rope_lib.video_positions(*self.video_shape[:3], self.video_patch),
+        rope_lib.audio_positions(*self.audio_timing)])
+    return rope_lib.rope_tables(positions, rope_lib.rope_sections(self.head_dim), self.rope_theta)
+
+  def trunk(self, video, audio, t_video, t_audio, text, text_mask):
+    """Embeddings and DiT blocks -> (video tokens [B, Lv, D], audio tokens [B, La, D], c_v, c_a)."""
     self._check(video, audio, t_video, t_audio, text, text_mask)
-    xv = self.video_embed(video) + self.modality(ModalityEmbedding.VIDEO, self.dtype)
-    xa = self.audio_embed(audio) + self.modality(ModalityEmbedding.AUDIO, self.dtype)
+    # The residual stream stays in float32 (the embedding sum promotes it); matmuls run in dtype.
+    xv = self.video_embed(video) + self.modality(ModalityEmbedding.VIDEO)
+    xa = self.audio_embed(audio) + self.modality(ModalityEmbedding.AUDIO)
     pooled = self.pooled_text(text, text_mask)
     c_video = self.t_embed_v(t_video) + pooled
     c_audio = self.t_embed_a(t_audio) + pooled
     text = text.astype(self.dtype)
     text_lengths = jnp.sum(text_mask, -1).astype(jnp.int32)
-    sections = rope_lib.rope_sections(self.head_dim)
-    positions = np.concatenate([
-        rope_lib.video_positions(*self.video_shape[:3], self.video_patch),
-        rope_lib.audio_positions(*self.audio_timing)])
-    rope = rope_lib.rope_tables(positions, sections, self.rope_theta)
+    rope = self.rope_tables()
 
     x = constrain(jnp.concatenate([xv, xa], 1), ACT)
     policy = _remat_policy(self.remat_policy_name)
@@ -193,7 +197,11 @@ class AVDiT(nnx.Module):
       else:
         x = nnx.remat(lambda blk, *args: blk(*args), policy=policy)(
             block, x, c_video, c_audio, text, text_lengths, rope)
-    xv, xa = x[:, :self.num_video], x[:, self.num_video:]
+    return x[:, :self.num_video], x[:, self.num_video:], c_video, c_audio
+
+  def __call__(self, video, audio, t_video, t_audio, text, text_mask) -> DiTOutput:
+    """Predictions for noisy video [B, T, h, w, C] and audio [B, N, n_mels] at times t [B]."""
+    xv, xa, c_video, c_audio = self.trunk(video, audio, t_video, t_audio, text, text_mask)
     xv, xa, align_video, align_audio = self.align(xv, xa)
     video_out = self.video_head(xv, c_video)
     audio_out = self.audio_head(xa, c_audio)

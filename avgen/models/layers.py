@@ -2,7 +2,8 @@
 
 Every parameter carries logical axis names (`nnx.with_partitioning`); the trainer maps them to
 mesh axes. Parameters are stored in `param_dtype`; matmuls run in `dtype`; norms, softmax and
-RoPE work in float32.
+RoPE work in float32, and so does the models' residual stream (a bfloat16 branch output added
+to it is promoted), which keeps deep stacks of small residual updates from rounding away.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class TemporalAlignment(nnx.Module):
     self.grid = tuple(grid)
     self.frame_patch, self.num_frames, self.align_window = frame_patch, num_frames, align_window
     self.audio_times = tuple(float(t) for t in audio_times)
-    self.rope_theta, self.dtype = rope_theta, dtype
+    self.rope_theta = rope_theta
     self.head_dim = width // num_heads
     # Fail at build time, not at the first call, if a window would hold no audio.
     audio_window_pooling(audio_token_frames(self.audio_times, num_frames), num_frames, align_window)

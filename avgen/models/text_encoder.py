@@ -53,7 +53,7 @@ class ByteTextEncoder(nnx.Module):
 
   def __init__(self, width: int, depth: int, num_heads: int, max_len: int, *, rngs: nnx.Rngs,
                mlp_ratio: float = 4.0, impl: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32):
-    self.width, self.max_len, self.dtype = width, max_len, dtype
+    self.width, self.max_len = width, max_len
     self.token_embed = param(rngs, nnx.initializers.normal(0.02), (tokenizer.VOCAB_SIZE, width),
                              ("vocab", "embed"), param_dtype)
     self.pos_embed = param(rngs, nnx.initializers.normal(0.02), (max_len, width), (None, "embed"),
@@ -70,7 +70,7 @@ class ByteTextEncoder(nnx.Module):
       raise ValueError(f"ByteTextEncoder: text length {ids.shape[1]} > caption_max_len {self.max_len}")
     lengths = jnp.sum(mask, -1).astype(jnp.int32)
     x = jnp.take(self.token_embed[...], ids, axis=0) + self.pos_embed[: ids.shape[1]]
-    x = constrain(x.astype(self.dtype), ACT)
+    x = constrain(x, ACT)  # float32 residual stream; the layers' matmuls run in dtype
     for layer in self.layers:
       x = layer(x, lengths)
     return self.norm(x)
