@@ -129,6 +129,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _require(c.sample.sampler in SAMPLERS[df.objective],
            f"config.sample.sampler={c.sample.sampler!r} does not fit objective {df.objective!r}; "
            f"use one of {SAMPLERS[df.objective]}")
+  _require(df.flow_prediction in ("v", "x0"),
+           f"config.diffusion.flow_prediction={df.flow_prediction!r} must be 'v' or 'x0'")
   _require(df.ddpm_schedule in ("cosine", "linear"), f"config.diffusion.ddpm_schedule={df.ddpm_schedule!r}")
   _require(df.ddpm_prediction in ("eps", "v"), f"config.diffusion.ddpm_prediction={df.ddpm_prediction!r}")
   for name in ("share_t_prob", "audio_to_video_prob", "video_to_audio_prob", "text_drop_prob"):

@@ -14,7 +14,7 @@ import ml_collections
 # 8-layer audio head and a 6-layer video head.
 SIZES = {
     #        width depth heads audio_head video_head
-    "demo": (128, 4, 4, 2, 2),
+    "demo": (128, 4, 4, 2, 1),
     "S": (384, 12, 6, 2, 2),
     "B": (768, 12, 12, 4, 3),
     "L": (1024, 24, 16, 6, 4),
@@ -59,7 +59,7 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.sample_rate = 16000
   d.audio_seconds = d.num_frames / d.fps
   d.caption_max_len = 64 if demo else 77  # text tokens
-  d.batch_size = 16 if demo else 16  # global batch
+  d.batch_size = 8 if demo else 16  # global batch
   d.shuffle_seed = 0
   d.num_workers = 0  # grain worker processes (0 = in-process)
   d.prefetch = 2  # batches read ahead
@@ -91,16 +91,16 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mo.depth = depth
   mo.num_heads = heads
   mo.mlp_ratio = 4.0
-  mo.video_patch = (1, 4, 4) if demo else (1, 2, 2)  # (frames, height, width) per token
+  mo.video_patch = (2, 4, 4) if demo else (1, 2, 2)  # (frames, height, width) per token
   mo.audio_patch = 4 if demo else 1  # mel frames per token (all bins)
   mo.qk_norm = True
   mo.rope_theta = 10000.0
   mo.shared_weights = True  # False: separate attention/MLP weights per modality (MM-DiT style)
   mo.audio_head_depth = audio_head  # transformer layers
   mo.video_head_depth = video_head  # 3D-conv layers
-  mo.video_head_channels = 64 if demo else 256
+  mo.video_head_channels = 16 if demo else 256  # full-resolution convs: the demo's main CPU cost
   mo.align_width = 64 if demo else 512  # temporal alignment features
-  mo.align_window = 1  # video frames per alignment window
+  mo.align_window = 2 if demo else 1  # video frames per alignment window
   mo.attention_impl = "auto"  # auto | xla | cudnn (| pallas, later)
   mo.dtype = "float32" if demo else "bfloat16"  # compute dtype
   mo.param_dtype = "float32"
@@ -116,6 +116,9 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   df.logit_normal_mean = 0.0
   df.logit_normal_std = 1.0
   df.time_shift = 1.0  # > 1 moves training and sampling times towards noise
+  # What the network outputs for flow: "v", or "x0" (pixel space: patches hold more values than
+  # the width can pass through, so predicting the clean image beats predicting v). Loss on v.
+  df.flow_prediction = "x0" if demo else "v"
   df.ddpm_schedule = "cosine"  # cosine | linear
   df.ddpm_prediction = "v"  # eps | v
   df.ddpm_steps = 1000
@@ -144,12 +147,12 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.guidance_audio = 3.0 if demo else 7.5
   s.negative_prompt = ""
   s.prompts = ("a red circle bounces", "a blue square bounces", "a green triangle and a yellow circle bounce")
-  s.every = 500 if demo else 5000  # training steps between samples; 0 disables
+  s.every = 300 if demo else 5000  # training steps between samples; 0 disables
   s.use_ema = True
 
   # ---- training
   c.train = t = ml_collections.ConfigDict()
-  t.num_steps = args.steps if args.steps > 0 else (1200 if demo else 400_000)
+  t.num_steps = args.steps if args.steps > 0 else (900 if demo else 400_000)
   t.learning_rate = 5e-5
   t.warmup_steps = 50 if demo else 5000
   t.end_lr_fraction = 0.1  # cosine decays to this fraction of the peak
@@ -160,7 +163,7 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.grad_accum = 1
   t.ema_decay = 0.99 if demo else 0.9999
   t.seed = 0
-  t.checkpoint_every = 200 if demo else 5000
+  t.checkpoint_every = 300 if demo else 5000
   t.keep_checkpoints = 3
   t.log_every = 20 if demo else 100
   t.max_nonfinite = 5  # consecutive non-finite steps before the run stops

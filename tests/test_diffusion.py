@@ -28,6 +28,7 @@ SD_A = _rng.uniform(0.2, 1.5, AUDIO_SHAPE).astype(np.float32)
 
 FLOW = objectives.RectifiedFlow()
 FLOW_SHIFTED = objectives.RectifiedFlow(time_shift=3.0)
+FLOW_X0 = objectives.RectifiedFlow(prediction="x0")
 DDPM_V = objectives.DDPM("cosine", "v", 1000)
 DDPM_EPS = objectives.DDPM("cosine", "eps", 1000)
 DDPM_LINEAR = objectives.DDPM("linear", "eps", 1000)
@@ -42,7 +43,7 @@ def exact_output(obj, mu, sd):
     ex0 = mu + a * sd * sd / var * (x - a * mu)
     eeps = s / var * (x - a * mu)
     if obj.name == "flow":
-      return eeps - ex0
+      return ex0 if obj.prediction == "x0" else eeps - ex0
     return eeps if obj.prediction == "eps" else a * eeps - s * ex0
   return fn
 
@@ -198,6 +199,8 @@ def test_ddpm_sample_t_uniform_steps():
 @pytest.mark.parametrize("obj,sampler,num_steps,tol", [
     (FLOW, "euler", 200, 0.015),
     (FLOW, "heun", 25, 0.005),
+    (FLOW_X0, "euler", 200, 0.015),
+    (FLOW_X0, "heun", 25, 0.005),
     (FLOW_SHIFTED, "heun", 50, 0.012),
     (DDPM_V, "ddim", 200, 0.015),
     (DDPM_V, "dpm++2m", 50, 0.005),
@@ -418,3 +421,19 @@ def test_train_times_errors():
     timesteps.sample_train_times(key, FLOW, 4, modalities=("video", "text"), **kw)
   with pytest.raises(ValueError, match="share_t_prob"):
     timesteps.sample_train_times(key, FLOW, 4, **{**kw, "share_t_prob": 1.5})
+
+
+def test_flow_x0_prediction_loss_is_the_velocity_loss_above_t_min():
+  x0 = jax.random.normal(jax.random.key(11), (4, 6))
+  eps = jax.random.normal(jax.random.key(12), (4, 6))
+  out = jax.random.normal(jax.random.key(13), (4, 6))
+  t = jnp.array([0.01, 0.04, 0.3, 0.9])
+  xt = FLOW_X0.noisy(x0, eps, t)
+  # A perfect x0 output gives zero loss at every t, also below t_min.
+  np.testing.assert_allclose(FLOW_X0.loss_output(xt, x0, t), FLOW_X0.target(x0, eps, t), atol=1e-5)
+  # Above t_min the loss equals the v-prediction loss of the equivalent velocity.
+  v_out = FLOW_X0.velocity(xt, out, t)
+  big = t >= FLOW_X0.t_min
+  np.testing.assert_allclose(FLOW_X0.loss_output(xt, out, t)[big], v_out[big], rtol=1e-5)
+  np.testing.assert_allclose(FLOW.target(x0, eps, t)[big], FLOW_X0.target(x0, eps, t)[big], rtol=1e-6)
+  np.testing.assert_allclose(FLOW_X0.x0_from_output(xt, out, t), out)

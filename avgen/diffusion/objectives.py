@@ -41,6 +41,12 @@ def _check_num_steps(num_steps) -> None:
 class RectifiedFlow:
   """Straight path x_t = (1 - t) x0 + t eps; target velocity v = eps - x0.
 
+  The network predicts v (`prediction="v"`) or the clean sample (`"x0"`); either way the loss is
+  on the velocity. x0-prediction suits pixel-space models whose patches hold more values than
+  the width can carry: at high noise a v-predicting network must copy the noise through, while
+  an x0-predicting one only outputs the (low-dimensional) clean image. Velocity from an x0 output
+  divides by t, clamped at `t_min`.
+
   Training times are logit-normal (t = sigmoid(u), u ~ N(mean, std^2)) and then shifted by
   t -> s t / (1 + (s - 1) t) with s = `time_shift`; s > 1 spends more time near noise, which
   large inputs need. Sampling times get the same shift.
@@ -49,14 +55,18 @@ class RectifiedFlow:
   name = "flow"
 
   def __init__(self, logit_normal_mean: float = 0.0, logit_normal_std: float = 1.0,
-               time_shift: float = 1.0):
+               time_shift: float = 1.0, prediction: str = "v", t_min: float = 0.05):
     if not logit_normal_std > 0:
       raise ValueError(f"diffusion.logit_normal_std must be > 0, got {logit_normal_std}")
     if not time_shift > 0:
       raise ValueError(f"diffusion.time_shift must be > 0, got {time_shift}")
+    if prediction not in ("v", "x0"):
+      raise ValueError(f"diffusion.flow_prediction must be 'v' or 'x0', got {prediction!r}")
     self.mean = float(logit_normal_mean)
     self.std = float(logit_normal_std)
     self.shift = float(time_shift)
+    self.prediction = prediction
+    self.t_min = float(t_min)
 
   def shift_t(self, t):
     s = self.shift
@@ -75,13 +85,36 @@ class RectifiedFlow:
     return (1.0 - t) * x0 + t * noise
 
   def target(self, x0, noise, t):
-    del t
-    return noise - x0
+    """The velocity eps - x0; for x0-prediction scaled by t / max(t, t_min) (see loss_output)."""
+    if self.prediction == "v":
+      return noise - x0
+    t = _expand(t, x0)
+    return t / jnp.maximum(t, self.t_min) * (noise - x0)
+
+  def velocity(self, xt, out, t):
+    """The velocity the network's output stands for (what the flow samplers integrate)."""
+    if self.prediction == "v":
+      return out
+    return (xt - out) / jnp.maximum(_expand(t, xt), 1e-6)
+
+  def loss_output(self, xt, out, t):
+    """The output compared with `target` in the loss.
+
+    For x0-prediction, (x_t - x0_hat) / max(t, t_min): the velocity for t >= t_min, and below it
+    an x0 error weighted 1 / t_min^2 instead of 1 / t^2, which would blow up near clean data.
+    """
+    if self.prediction == "v":
+      return out
+    return (xt - out) / jnp.maximum(_expand(t, xt), self.t_min)
 
   def x0_from_output(self, xt, out, t):
+    if self.prediction == "x0":
+      return out
     return xt - _expand(t, xt) * out
 
   def eps_from_output(self, xt, out, t):
+    if self.prediction == "x0":
+      return (xt - (1.0 - _expand(t, xt)) * out) / jnp.maximum(_expand(t, xt), 1e-6)
     return xt + (1.0 - _expand(t, xt)) * out
 
   def sample_times(self, num_steps: int) -> jax.Array:
@@ -160,6 +193,11 @@ class DDPM:
     alpha, sigma = self._coeffs(t, x0)
     return alpha * noise - sigma * x0
 
+  def loss_output(self, xt, out, t):
+    """The output compared with `target` in the loss: the raw output (eps or v)."""
+    del xt, t
+    return out
+
   def x0_from_output(self, xt, out, t):
     alpha, sigma = self._coeffs(t, xt)
     if self.prediction == "eps":
@@ -188,7 +226,8 @@ def build_objective(config) -> Objective:
   """Builds the objective named by `config.objective` from a `config.diffusion` ConfigDict."""
   kind = config.objective
   if kind == "flow":
-    return RectifiedFlow(config.logit_normal_mean, config.logit_normal_std, config.time_shift)
+    return RectifiedFlow(config.logit_normal_mean, config.logit_normal_std, config.time_shift,
+                         config.get("flow_prediction", "v"))
   if kind == "ddpm":
     return DDPM(config.ddpm_schedule, config.ddpm_prediction, config.ddpm_steps)
   raise ValueError(f"diffusion.objective must be one of {OBJECTIVES}, got {kind!r}")

@@ -66,6 +66,10 @@ class _Joint:
                          f"expected the input's {tuple(x.shape)}")
     return outs
 
+  def velocities(self, xs, t):
+    """Flow velocities at scalar time t (the network may predict v or x0)."""
+    return tuple(self.objective.velocity(x, o, t) for x, o in zip(xs, self(xs, t)))
+
   def update(self, fn, *args):
     """Applies fn per free modality; a conditioned modality keeps its clean value."""
     return tuple(c if c is not None else fn(*a) for c, *a in zip(self.conds, *args))
@@ -74,7 +78,7 @@ class _Joint:
 def _euler(model: _Joint, times, xs, n):
   def step(i, xs):
     t, t_next = times[i], times[i + 1]
-    vs = model(xs, t)
+    vs = model.velocities(xs, t)
     return model.update(lambda x, v: x + (t_next - t) * v, xs, vs)
   return jax.lax.fori_loop(0, n, step, xs)
 
@@ -84,9 +88,9 @@ def _heun(model: _Joint, times, xs, n):
   def step(i, xs):
     t, t_next = times[i], times[i + 1]
     dt = t_next - t
-    vs = model(xs, t)
+    vs = model.velocities(xs, t)
     guess = model.update(lambda x, v: x + dt * v, xs, vs)
-    vs_next = model(guess, t_next)
+    vs_next = model.velocities(guess, t_next)
     return model.update(lambda x, v, v2: x + dt * 0.5 * (v + v2), xs, vs, vs_next)
   xs = jax.lax.fori_loop(0, n - 1, step, xs)
   return _euler(model, times[n - 1:], xs, 1)

@@ -73,6 +73,29 @@ def _cudnn_refusal(q, k) -> str | None:
   return None
 
 
+@functools.cache
+def _cudnn_trace_refusal(q_shape, k_shape, dtype, with_lengths: bool, mask_shape) -> str | None:
+  """Traces cuDNN's forward and backward abstractly (cached per shape) to find refusals early.
+
+  cuDNN refuses some lengths only in its backward rule, which under `jax.checkpoint` runs long
+  after `attention()` returned, where no try/except can fall back. Tracing both here costs no
+  device time and lets `auto` decide once per shape.
+  """
+  q = jax.ShapeDtypeStruct(q_shape, dtype)
+  k = jax.ShapeDtypeStruct(k_shape, dtype)
+  lengths = jax.ShapeDtypeStruct((q_shape[0],), jnp.int32) if with_lengths else None
+  mask = jax.ShapeDtypeStruct(mask_shape, jnp.bool_) if mask_shape is not None else None
+
+  def loss(q, k, v, lengths, mask):
+    return cudnn_attention(q, k, v, kv_lengths=lengths, mask=mask).astype(jnp.float32).sum()
+
+  try:
+    jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, k, k, lengths, mask)
+  except Exception as e:  # noqa: BLE001 - any refusal means "use another backend"
+    return f"cuDNN refused q {q_shape} k {k_shape}: {str(e).splitlines()[0][:200]}"
+  return None
+
+
 def attention(q, k, v, *, kv_lengths=None, mask=None, impl: str = "auto"):
   """Scaled dot-product attention, [b, l, h, d] in and out.
 
@@ -94,10 +117,11 @@ def attention(q, k, v, *, kv_lengths=None, mask=None, impl: str = "auto"):
       raise ValueError(f"attention: impl='cudnn' cannot run here: {reason}")
     return cudnn_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
   if reason is None:
-    try:
-      return cudnn_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
-    except Exception as e:  # cuDNN refuses some lengths at trace time (e.g. kv 77 with q 16,640).
-      reason = f"cuDNN refused q {q.shape} k {k.shape}: {str(e).splitlines()[0][:200]}"
+    # e.g. kv length 77 with q 16,640 is refused (seen on H100, jax 0.11).
+    reason = _cudnn_trace_refusal(q.shape, k.shape, q.dtype, kv_lengths is not None,
+                                  None if mask is None else tuple(mask.shape))
+  if reason is None:
+    return cudnn_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
   if jax.default_backend() == "gpu":
     _log_once(f"attention(impl='auto') falls back to xla: {reason}")
   return xla_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)

@@ -57,8 +57,10 @@ def compute_loss(model, batch, rng, step, config: ml_collections.ConfigDict):
   video_out = out.video.astype(jnp.float32)
   audio_out = out.audio.astype(jnp.float32)
 
-  loss_video = losses.diffusion_loss(video_out, objective.target(x0_video, noise_video, t_video), video_mask)
-  loss_audio = losses.diffusion_loss(audio_out, objective.target(x0_audio, noise_audio, t_audio), audio_mask)
+  loss_video = losses.diffusion_loss(objective.loss_output(xt_video, video_out, t_video),
+                                     objective.target(x0_video, noise_video, t_video), video_mask)
+  loss_audio = losses.diffusion_loss(objective.loss_output(xt_audio, audio_out, t_audio),
+                                     objective.target(x0_audio, noise_audio, t_audio), audio_mask)
   loss_diffusion = lo.video_weight * loss_video + lo.audio_weight * loss_audio
 
   # x0 estimates are blurry at high noise; weighting the x0-space terms by (1 - t) keeps them
