@@ -53,6 +53,7 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.path = ""  # glob of ArrayRecord shards; empty + demo -> synthetic data made in workdir/data
   d.synthetic_clips = 512 if demo else 0  # clips to synthesize when `path` is empty
+  d.synthetic_max_objects = 2 if demo else 3  # shapes per synthetic clip: 1..max
   d.num_frames = 8 if demo else 16
   d.fps = 8
   d.height = d.width = 32 if demo else 512

@@ -87,6 +87,7 @@ class ExampleTransform:
     self.pixels = PixelCodec()
     self.mel = MelCodec.from_config(config)
     self.mel_shape = (self.mel.num_frames(self.num_samples), self.mel.n_mels)
+    self.mel_settings = self.mel.settings()
     self.tokenizer = ByteTokenizer(int(d.caption_max_len))
 
   def __call__(self, record: bytes) -> dict[str, np.ndarray]:
@@ -107,7 +108,11 @@ class ExampleTransform:
             "latent.video='pixels'")
       video = video.astype(np.float32)
     mel = ex.get("audio_mel")
-    mel = self.mel.encode(ex["audio"]) if mel is None else mel.astype(np.float32)
+    # A cached mel is used only if it was made with this config's mel settings (a stale cache
+    # after a config change would otherwise be trained on silently).
+    if mel is None or ex["meta"].get("audio_mel_config") != self.mel_settings:
+      mel = self.mel.encode(ex["audio"])
+    mel = mel.astype(np.float32)
     ids, mask = self.tokenizer([ex["caption"]])
     return {"video": video, "audio": mel, "text_ids": ids[0], "text_mask": mask[0]}
 

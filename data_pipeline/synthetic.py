@@ -53,11 +53,14 @@ def make_clip(
     width: int,
     fps: float,
     sample_rate: int,
+    max_objects: int = 3,
 ) -> dict[str, Any]:
-  """One random clip as a schema example (see `data_pipeline.schema`)."""
+  """One random clip with 1..max_objects shapes, as a schema example (see `data_pipeline.schema`)."""
   _check_dims(num_frames=num_frames, height=height, width=width, fps=fps, sample_rate=sample_rate)
+  if not 1 <= max_objects <= len(COLORS):
+    raise ValueError(f"make_clip: max_objects must be in [1, {len(COLORS)}], got {max_objects}")
   duration = num_frames / fps
-  num_objects = int(rng.integers(1, 4))
+  num_objects = int(rng.integers(1, max_objects + 1))
   shapes = rng.choice(SHAPES, size=num_objects)
   colors = rng.choice(list(COLORS), size=num_objects, replace=False)
   side = min(height, width)
@@ -123,19 +126,27 @@ def make_dataset(
     fps: float = 8.0,
     sample_rate: int = 16000,
     prefix: str = "synthetic",
+    max_objects: int = 3,
+    mel_codec=None,
 ) -> list[str]:
   """Writes `num_clips` clips to ArrayRecord shards in `output_dir`; returns the shard paths.
 
   Clip i depends only on (seed, i), so a larger dataset starts with the clips of a smaller one.
+  With `mel_codec` each record also caches its normalized log-mel (`audio_mel`) and the codec's
+  settings (`meta["audio_mel_config"]`), so the loader can skip the STFT when they match.
   """
   if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
     raise ValueError(f"make_dataset: num_clips must be an int >= 1, got {num_clips!r}")
   _check_dims(num_frames=num_frames, height=height, width=width, fps=fps, sample_rate=sample_rate)
-  clips = (
-      make_clip(np.random.default_rng([seed, i]), num_frames=num_frames, height=height,
-                width=width, fps=fps, sample_rate=sample_rate)
-      for i in range(num_clips))
-  return schema.write_shards(clips, output_dir, samples_per_shard, prefix)
+  def clip(i):
+    ex = make_clip(np.random.default_rng([seed, i]), num_frames=num_frames, height=height,
+                   width=width, fps=fps, sample_rate=sample_rate, max_objects=max_objects)
+    if mel_codec is not None:
+      ex["audio_mel"] = mel_codec.encode(ex["audio"])
+      ex["meta"]["audio_mel_config"] = mel_codec.settings()
+    return ex
+
+  return schema.write_shards((clip(i) for i in range(num_clips)), output_dir, samples_per_shard, prefix)
 
 
 def _bounce(p0: float, v: float, lo: float, hi: float, times: np.ndarray, duration: float):

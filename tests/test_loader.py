@@ -233,3 +233,40 @@ def test_worker_processes_batch_and_restore(data_dir):
   it.close()
   assert _keys(got) == _keys(expected)
   assert len(set(_keys(first + expected))) == 20  # no repeats within the first epoch
+
+
+def test_cached_mel_is_used_only_when_its_settings_match(tmp_path):
+  config = _config(batch_size=4)
+  config.data.shuffle_seed = 0
+  codec = MelCodec.from_config(config)
+  synthetic.make_dataset(str(tmp_path), 8, seed=3, samples_per_shard=8, mel_codec=codec)
+  record = schema.decode_example(next(iter(_records(tmp_path))))
+  np.testing.assert_array_equal(record["audio_mel"], codec.encode(record["audio"]))
+  assert record["meta"]["audio_mel_config"] == codec.settings()
+
+  # Poison the cache: with matching settings the loader returns it as stored.
+  poisoned = dict(record, audio_mel=np.zeros_like(record["audio_mel"]))
+  transform = loader.ExampleTransform(config)
+  np.testing.assert_array_equal(transform(schema.encode_example(poisoned))["audio"], 0)
+  # Another normalization in the config: the stale cache is ignored and the mel recomputed.
+  config.mel.mean = -3.0
+  fresh = loader.ExampleTransform(config)(schema.encode_example(poisoned))["audio"]
+  np.testing.assert_allclose(fresh, MelCodec.from_config(config).encode(record["audio"]), rtol=1e-6)
+
+
+def _records(directory):
+  from array_record.python.array_record_module import ArrayRecordReader
+  path = sorted(p for p in os.listdir(directory) if p.endswith(".array_record"))[0]
+  reader = ArrayRecordReader(os.path.join(directory, path))
+  out = [reader.read() for _ in range(reader.num_records())]
+  reader.close()
+  return out
+
+
+def test_max_objects_bounds_the_shapes_per_clip():
+  counts = {len(synthetic.make_clip(np.random.default_rng(i), num_frames=8, height=32, width=32, fps=8.0,
+                                    sample_rate=16000, max_objects=1)["meta"]["objects"]) for i in range(10)}
+  assert counts == {1}
+  with pytest.raises(ValueError, match="max_objects"):
+    synthetic.make_clip(np.random.default_rng(0), num_frames=8, height=32, width=32, fps=8.0,
+                        sample_rate=16000, max_objects=0)

@@ -95,7 +95,8 @@ def test_output_shapes(name, config):
 
 def test_demo_token_counts():
   model = nnx.eval_shape(lambda: build_model(get_base_config("demo"), nnx.Rngs(0)))
-  assert (model.dit.num_video, model.dit.num_audio) == (8 * 8 * 8, 16)
+  # 8 frames of 32x32 in (2, 4, 4) patches; 64 mel frames in 4-frame patches.
+  assert (model.dit.num_video, model.dit.num_audio) == (4 * 8 * 8, 16)
 
 
 def test_init_predicts_zero_and_every_block_is_identity(fresh):

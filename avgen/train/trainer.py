@@ -44,9 +44,11 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if jax.process_index() == 0 and not os.path.exists(done):
     d = config.data
     _log.info("making %d synthetic clips in %s", d.synthetic_clips, out)
+    from avgen.models.autoencoders.mel import MelCodec
     synthetic.make_dataset(out, d.synthetic_clips, seed=config.train.seed, samples_per_shard=256,
                            num_frames=d.num_frames, height=d.height, width=d.width, fps=d.fps,
-                           sample_rate=d.sample_rate)
+                           sample_rate=d.sample_rate, max_objects=d.synthetic_max_objects,
+                           mel_codec=MelCodec.from_config(config))
     open(done, "w").close()
   while not os.path.exists(done):  # other hosts wait for process 0 (shared filesystem)
     time.sleep(1)

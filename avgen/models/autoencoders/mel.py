@@ -63,6 +63,12 @@ class MelCodec:
     # Samples of zeros before sample 0 so that frame 0's window centre lands on hop / 2.
     self._pad_left = n_fft // 2 - hop_length // 2
 
+  def settings(self) -> dict:
+    """Everything that decides `encode`'s output; equal settings mean a cached mel is valid."""
+    return {"sample_rate": self.sample_rate, "n_fft": self.n_fft, "hop_length": self.hop_length,
+            "win_length": self.win_length, "n_mels": self.n_mels, "fmin": self.fmin,
+            "fmax": self.fmax, "log_floor": self.log_floor, "mean": self.mean, "std": self.std}
+
   @classmethod
   def from_config(cls, config) -> "MelCodec":
     m = config.mel
