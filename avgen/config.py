@@ -10,9 +10,12 @@ import math
 
 import ml_collections
 
+from avgen.diffusion.samplers import SAMPLERS as _SAMPLER_OBJECTIVE
 from avgen.kernels import IMPLS
 
-SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim", "dpm++2m")}
+# objective -> the samplers that fit it (one table, kept by the samplers module)
+SAMPLERS = {obj: tuple(s for s, o in _SAMPLER_OBJECTIVE.items() if o == obj)
+            for obj in sorted(set(_SAMPLER_OBJECTIVE.values()))}
 TEXT_ENCODERS = ("byte",)
 VIDEO_LATENTS = ("pixels", "sd_vae")
 VOCODERS = ("griffin_lim", "bigvgan", "hifigan")
