@@ -108,9 +108,11 @@ class ExampleTransform:
             "latent.video='pixels'")
       video = video.astype(np.float32)
     mel = ex.get("audio_mel")
-    # A cached mel is used only if it was made with this config's mel settings (a stale cache
-    # after a config change would otherwise be trained on silently).
-    if mel is None or ex["meta"].get("audio_mel_config") != self.mel_settings:
+    # A cached mel that records its settings is used only if they are this config's (a stale
+    # cache after a config change would otherwise be trained on silently); one without settings
+    # is the producer's word (its shape is still checked).
+    made_with = ex["meta"].get("audio_mel_config")
+    if mel is None or (made_with is not None and made_with != self.mel_settings):
       mel = self.mel.encode(ex["audio"])
     mel = mel.astype(np.float32)
     ids, mask = self.tokenizer([ex["caption"]])
