@@ -104,23 +104,13 @@ def validate_example(example: Any) -> None:
   except (TypeError, ValueError) as e:
     raise SchemaError(f"field 'meta' must be JSON-able (str keys, plain values): {e}") from None
 
-  latent = example.get("video_latent")
-  if latent is not None:
-    if not isinstance(latent, np.ndarray) or latent.dtype.name not in _LATENT_DTYPES:
-      raise SchemaError(
-          f"field 'video_latent' must be a float array ({sorted(_LATENT_DTYPES)}), got "
-          f"{_describe(latent)}")
-    if latent.ndim != 4 or latent.shape[0] != video.shape[0]:
-      raise SchemaError(
-          f"field 'video_latent' must have shape [T={video.shape[0]}, h, w, C], got {latent.shape}")
-  mel = example.get("audio_mel")
-  if mel is not None:
-    if not isinstance(mel, np.ndarray) or mel.dtype.name not in _LATENT_DTYPES:
-      raise SchemaError(
-          f"field 'audio_mel' must be a float array ({sorted(_LATENT_DTYPES)}), got "
-          f"{_describe(mel)}")
-    if mel.ndim != 2 or min(mel.shape) == 0:
-      raise SchemaError(f"field 'audio_mel' must have shape [N>0, n_mels>0], got {mel.shape}")
+  latent = _cached_latent(example, "video_latent")
+  if latent is not None and (latent.ndim != 4 or latent.shape[0] != video.shape[0]):
+    raise SchemaError(
+        f"field 'video_latent' must have shape [T={video.shape[0]}, h, w, C], got {latent.shape}")
+  mel = _cached_latent(example, "audio_mel")
+  if mel is not None and (mel.ndim != 2 or min(mel.shape) == 0):
+    raise SchemaError(f"field 'audio_mel' must have shape [N>0, n_mels>0], got {mel.shape}")
 
 
 def encode_example(example: dict[str, Any]) -> bytes:
@@ -241,6 +231,15 @@ def _unpack_array(key: str, value: Any) -> np.ndarray:
   if not isinstance(data, bytes) or len(data) != int(np.prod(shape)) * dtype.itemsize:
     raise SchemaError(f"field {key!r}: stored data has the wrong length for {dtype} {shape}")
   return np.frombuffer(data, dtype).reshape(shape).copy()
+
+
+def _cached_latent(example: dict[str, Any], field: str) -> np.ndarray | None:
+  """The optional precomputed latent `field`, checked to be a float array."""
+  value = example.get(field)
+  if value is not None and (not isinstance(value, np.ndarray) or value.dtype.name not in _LATENT_DTYPES):
+    raise SchemaError(f"field {field!r} must be a float array ({sorted(_LATENT_DTYPES)}), got "
+                      f"{_describe(value)}")
+  return value
 
 
 def _describe(x: Any) -> str:

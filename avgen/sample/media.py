@@ -36,14 +36,21 @@ def _file_arg(path: str | os.PathLike) -> str:
   return "file:" + os.path.abspath(os.fspath(path))
 
 
-def _run_ffmpeg(args: list[str], *, what: str, stdin: bytes | None = None) -> tuple[bytes, str]:
-  """Runs ffmpeg with `args`; returns (stdout bytes, stderr text); raises MediaError on failure."""
+def _run_ffmpeg(args: list[str], *, what: str, stdin: bytes | None = None,
+                stream: str | None = None) -> tuple[bytes, str]:
+  """Runs ffmpeg with `args`; returns (stdout bytes, stderr text); raises MediaError on failure.
+
+  `stream` ("video"/"audio") names the stream the args map, so a file without one gets a plain
+  "has no audio stream" error instead of ffmpeg's log.
+  """
   cmd = [ffmpeg_exe(), "-hide_banner", "-nostats", "-y", *args]
   if stdin is None:
     cmd.insert(1, "-nostdin")  # ffmpeg would otherwise read keystrokes from our terminal
   proc = subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                         check=False)
   log = proc.stderr.decode("utf-8", errors="replace")
+  if proc.returncode != 0 and stream is not None and "matches no streams" in log:
+    raise MediaError(f"{what}: the file has no {stream} stream")
   if proc.returncode != 0:
     raise MediaError(f"{what}: ffmpeg exited with code {proc.returncode}; "
                      f"log tail:\n{log[-_STDERR_TAIL:]}")
@@ -382,12 +389,7 @@ def read_video(path: str | os.PathLike, *, fps: float | None = None,
   if fps is None:
     args += ["-fps_mode", "passthrough"]
   args += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
-  try:
-    out, log = _run_ffmpeg(args, what=f"read_video {path}")
-  except MediaError as e:
-    if "matches no streams" in str(e):
-      raise MediaError(f"read_video {path}: the file has no video stream") from None
-    raise
+  out, log = _run_ffmpeg(args, what=f"read_video {path}", stream="video")
   width, height = _size(_streams(_section(log, "Output #0"))["video"])
   frames = np.frombuffer(out, np.uint8)
   if frames.size % (height * width * 3):
@@ -409,12 +411,7 @@ def read_audio(path: str | os.PathLike, *, sample_rate: int, mono: bool = True,
   sample_rate = _check_sample_rate(sample_rate)
   args = [*_window_args(start, None), "-i", _file_arg(path), *_window_args(0.0, duration),
           "-map", "0:a:0", "-ar", str(sample_rate), "-f", "f32le", "-c:a", "pcm_f32le", "pipe:1"]
-  try:
-    out, log = _run_ffmpeg(args, what=f"read_audio {path}")
-  except MediaError as e:
-    if "matches no streams" in str(e):
-      raise MediaError(f"read_audio {path}: the file has no audio stream") from None
-    raise
+  out, log = _run_ffmpeg(args, what=f"read_audio {path}", stream="audio")
   channels = _channels(_streams(_section(log, "Output #0"))["audio"])
   audio = np.frombuffer(out, "<f4").reshape(-1, channels)
   # A plain mean, not ffmpeg's -ac 1 downmix, which scales each channel by 1/sqrt(2) and so
