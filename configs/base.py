@@ -54,6 +54,8 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.path = ""  # glob of ArrayRecord shards; empty + demo -> synthetic data made in workdir/data
   d.synthetic_clips = 512 if demo else 0  # clips to synthesize when `path` is empty
   d.synthetic_max_objects = 2 if demo else 3  # shapes per synthetic clip: 1..max
+  d.synthetic_size_range = (0.09, 0.16)  # object half-size, fraction of min(H, W)
+  d.synthetic_speed_range = (0.8, 1.6)  # frame sizes per second
   d.num_frames = 8 if demo else 16
   d.fps = 8
   d.height = d.width = 32 if demo else 512

@@ -54,11 +54,19 @@ def make_clip(
     fps: float,
     sample_rate: int,
     max_objects: int = 3,
+    size_range: tuple[float, float] = SIZE_RANGE,
+    speed_range: tuple[float, float] = SPEED_RANGE,
 ) -> dict[str, Any]:
-  """One random clip with 1..max_objects shapes, as a schema example (see `data_pipeline.schema`)."""
+  """One random clip with 1..max_objects shapes, as a schema example (see `data_pipeline.schema`).
+
+  `size_range` bounds an object's half-size as a fraction of min(H, W); `speed_range` its speed in
+  frame sizes per second.
+  """
   _check_dims(num_frames=num_frames, height=height, width=width, fps=fps, sample_rate=sample_rate)
   if not 1 <= max_objects <= len(COLORS):
     raise ValueError(f"make_clip: max_objects must be in [1, {len(COLORS)}], got {max_objects}")
+  _check_range("size_range", size_range, upper=0.5)
+  _check_range("speed_range", speed_range)
   duration = num_frames / fps
   num_objects = int(rng.integers(1, max_objects + 1))
   shapes = rng.choice(SHAPES, size=num_objects)
@@ -70,8 +78,8 @@ def make_clip(
   video = np.zeros((num_frames, height, width, 3), np.uint8)
   ys, xs = np.mgrid[0:height, 0:width] + 0.5  # pixel centres
   for i, (shape, color) in enumerate(zip(shapes, colors)):
-    half = float(rng.uniform(*SIZE_RANGE)) * side
-    speed = float(rng.uniform(*SPEED_RANGE)) * side
+    half = float(rng.uniform(*size_range)) * side
+    speed = float(rng.uniform(*speed_range)) * side
     # Diagonal-ish headings so both axes move and bounce.
     quadrant = math.pi / 2 * int(rng.integers(4))
     angle = float(rng.uniform(math.radians(20), math.radians(70))) + quadrant
@@ -127,6 +135,8 @@ def make_dataset(
     sample_rate: int = 16000,
     prefix: str = "synthetic",
     max_objects: int = 3,
+    size_range: tuple[float, float] = SIZE_RANGE,
+    speed_range: tuple[float, float] = SPEED_RANGE,
     mel_codec=None,
 ) -> list[str]:
   """Writes `num_clips` clips to ArrayRecord shards in `output_dir`; returns the shard paths.
@@ -140,7 +150,8 @@ def make_dataset(
   _check_dims(num_frames=num_frames, height=height, width=width, fps=fps, sample_rate=sample_rate)
   def clip(i):
     ex = make_clip(np.random.default_rng([seed, i]), num_frames=num_frames, height=height,
-                   width=width, fps=fps, sample_rate=sample_rate, max_objects=max_objects)
+                   width=width, fps=fps, sample_rate=sample_rate, max_objects=max_objects,
+                   size_range=size_range, speed_range=speed_range)
     if mel_codec is not None:
       ex["audio_mel"] = mel_codec.encode(ex["audio"])
       ex["meta"]["audio_mel_config"] = mel_codec.settings()
@@ -191,6 +202,13 @@ def _add_tone(audio: np.ndarray, time: float, pitch: float, harmonics, sample_ra
   wave = sum(a * np.sin(2 * np.pi * pitch * (h + 1) * t) for h, a in enumerate(harmonics) if a)
   wave = wave / sum(harmonics)
   audio[first:last] += TONE_AMPLITUDE * np.exp(-t / TONE_DECAY_SECONDS) * wave
+
+
+def _check_range(name: str, value, upper: float | None = None) -> None:
+  lo, hi = (float(v) for v in value)
+  if not 0 < lo <= hi or (upper is not None and hi >= upper):
+    bound = f" and high < {upper}" if upper is not None else ""
+    raise ValueError(f"synthetic: {name} must be (low, high) with 0 < low <= high{bound}, got {tuple(value)}")
 
 
 def _check_dims(**dims) -> None:

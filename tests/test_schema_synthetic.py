@@ -287,3 +287,22 @@ def test_make_clip_rejects_bad_dims():
     _clip(0, num_frames=0)
   with pytest.raises(ValueError, match="height"):
     _clip(0, height=4)
+
+
+def test_size_and_speed_ranges_are_obeyed():
+  side = min(DIMS["height"], DIMS["width"])
+  for seed in range(20):
+    ex = _clip(seed, size_range=(0.2, 0.25), speed_range=(0.3, 0.4))
+    for o in ex["meta"]["objects"]:
+      assert 0.2 * side <= o["half_size"] <= 0.25 * side
+      assert 0.3 * side <= math.hypot(*o["velocity"]) <= 0.4 * side
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(size_range=(0.3, 0.1)), "size_range"),
+    (dict(size_range=(0.1, 0.5)), "size_range"),
+    (dict(speed_range=(0.0, 1.0)), "speed_range"),
+])
+def test_bad_ranges_are_refused(overrides, field):
+  with pytest.raises(ValueError, match=field):
+    _clip(0, **overrides)

@@ -48,7 +48,8 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     synthetic.make_dataset(out, d.synthetic_clips, seed=config.train.seed, samples_per_shard=256,
                            num_frames=d.num_frames, height=d.height, width=d.width, fps=d.fps,
                            sample_rate=d.sample_rate, max_objects=d.synthetic_max_objects,
-                           mel_codec=MelCodec.from_config(config))
+                           size_range=tuple(d.synthetic_size_range),
+                           speed_range=tuple(d.synthetic_speed_range), mel_codec=MelCodec.from_config(config))
     open(done, "w").close()
   while not os.path.exists(done):  # other hosts wait for process 0 (shared filesystem)
     time.sleep(1)
@@ -109,20 +110,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   progress = metrics_lib.Progress(t.num_steps, step)
   preemption = _Preemption()
   accumulated = None
+  streak = int(state.nonfinite_streak)
+  pending = None  # (step, metrics) of the step whose update flag is not read yet
   try:
     while step < t.num_steps:
       batch = mesh_lib.global_batch(next(data_iter), mesh)
       state, step_metrics = train_step(state, batch)
       accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
       step += 1
+      # The previous step's flag is read only now, after this step is queued: reading it at once
+      # would leave the cores idle while the host fetches and sends the next batch.
+      if pending is not None:
+        streak = _check_finite(*pending, streak, t.max_nonfinite)
+      pending = (step, step_metrics)
 
-      streak = int(state.nonfinite_streak)
-      if streak:
-        _log.warning("step %d: non-finite loss or gradient; update not applied (%d in a row)", step, streak)
-        if streak >= t.max_nonfinite:
-          raise TrainingStopped(
-              f"{streak} consecutive steps had a non-finite loss or gradient (config.train.max_nonfinite="
-              f"{t.max_nonfinite}); stopped at step {step}. The last checkpoint holds the last finite state.")
+      boundary = (step % t.log_every == 0 or step == t.num_steps or step % t.checkpoint_every == 0
+                  or preemption.requested or step == stop_at_step
+                  or (config.sample.every and step % config.sample.every == 0))
+      if boundary:
+        streak = _check_finite(*pending, streak, t.max_nonfinite)
+        pending = None
 
       if step % t.log_every == 0 or step == t.num_steps:
         values = {k: float(v) for k, v in accumulated.compute().items()}
@@ -150,6 +157,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     ckpt.close()
     writer.close()
   return state
+
+
+def _check_finite(step: int, step_metrics, streak: int, max_nonfinite: int) -> int:
+  """Updates the host's count of consecutive skipped updates; stops the run at max_nonfinite."""
+  if float(step_metrics.update_applied.compute()) > 0:
+    return 0
+  streak += 1
+  _log.warning("step %d: non-finite loss or gradient; update not applied (%d in a row)", step, streak)
+  if streak >= max_nonfinite:
+    raise TrainingStopped(
+        f"{streak} consecutive steps had a non-finite loss or gradient (config.train.max_nonfinite="
+        f"{max_nonfinite}); stopped at step {step}. The last checkpoint holds the last finite state.")
+  return streak
 
 
 def _save(ckpt, step, state, data_iter, config):
