@@ -21,6 +21,7 @@ Shards are ArrayRecord files with one example per record.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import zlib
@@ -42,6 +43,8 @@ _LATENT_DTYPES = {
 }
 _DTYPES = {"uint8": np.dtype(np.uint8), **_LATENT_DTYPES}
 SHARD_SUFFIX = ".array_record"
+# One record per group, so that a reader can fetch any record without decoding its neighbours.
+ARRAY_RECORD_OPTIONS = "group_size:1"
 
 
 class SchemaError(ValueError):
@@ -169,9 +172,17 @@ def write_shards(
   Each shard is written under a hidden temporary name and renamed once closed, so a reader
   globbing `*.array_record` never sees a half-written shard.
   """
-  # pylint: disable-next=g-import-not-at-top
-  from array_record.python.array_record_module import ArrayRecordWriter
+  return write_record_shards((encode_example(e) for e in examples), output_dir,
+                             samples_per_shard, prefix)
 
+
+def write_record_shards(
+    records: Iterable[bytes],
+    output_dir: str,
+    samples_per_shard: int,
+    prefix: str = "data",
+) -> list[str]:
+  """`write_shards` for records already encoded by `encode_example`."""
   if (isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int)
       or samples_per_shard < 1):
     raise ValueError(
@@ -180,35 +191,53 @@ def write_shards(
     raise ValueError(f"write_shards: prefix must be a non-empty file name part, got {prefix!r}")
   os.makedirs(output_dir, exist_ok=True)
   paths: list[str] = []
-  writer = None
-  tmp_path = final_path = ""
-  count = 0
+  records = iter(records)
+  while (first := next(records, None)) is not None:
+    # Streams: one shard's records pass through without being held in memory together.
+    chunk = itertools.chain([first], itertools.islice(records, samples_per_shard - 1))
+    name = f"{prefix}-{len(paths):05d}{SHARD_SUFFIX}"
+    paths.append(write_shard_file(os.path.join(output_dir, name), chunk))
+  return paths
+
+
+def write_shard_file(path: str, records: Iterable[bytes]) -> str:
+  """Writes one ArrayRecord file atomically: a hidden temporary name, renamed when closed.
+
+  A reader globbing `*.array_record` never sees a half-written file, and an interrupted write
+  leaves only the temporary (removed here on an exception).
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  directory, base = os.path.split(path)
+  tmp_path = os.path.join(directory, f".{base}.tmp")
+  writer = ArrayRecordWriter(tmp_path, ARRAY_RECORD_OPTIONS)
   try:
-    for example in examples:
-      record = encode_example(example)
-      if writer is None:
-        final_path = os.path.join(output_dir, f"{prefix}-{len(paths):05d}{SHARD_SUFFIX}")
-        tmp_path = os.path.join(output_dir, f".{prefix}-{len(paths):05d}{SHARD_SUFFIX}.tmp")
-        writer = ArrayRecordWriter(tmp_path, "group_size:1")
-        count = 0
+    for record in records:
       writer.write(record)
-      count += 1
-      if count == samples_per_shard:
-        writer.close()
-        writer = None
-        os.replace(tmp_path, final_path)
-        paths.append(final_path)
-    if writer is not None:
-      writer.close()
-      writer = None
-      os.replace(tmp_path, final_path)
-      paths.append(final_path)
+    writer.close()
+    writer = None
+    os.replace(tmp_path, path)
   except BaseException:
     if writer is not None:
       writer.close()
+    if os.path.exists(tmp_path):
       os.remove(tmp_path)
     raise
-  return paths
+  return path
+
+
+def read_records(path: str, start: int = 0, stop: int | None = None) -> list[bytes]:
+  """Raw records [start, stop) of one ArrayRecord file (decode with `decode_example`)."""
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  reader = ArrayRecordReader(path)
+  try:
+    stop = reader.num_records() if stop is None else stop
+    return list(reader.read(range(start, stop))) if stop > start else []
+  finally:
+    reader.close()
 
 
 def _pack_array(x: np.ndarray) -> dict[str, Any]:

@@ -340,6 +340,111 @@ def probe(path: str | os.PathLike) -> dict[str, Any]:
   return info
 
 
+_HEADER_TIMEOUT_S = 60.0
+
+
+def probe_header(path: str | os.PathLike, *, timeout: float = _HEADER_TIMEOUT_S) -> dict[str, Any]:
+  """What a file's header says, read without decoding (fast; `probe` decodes to measure).
+
+  imageio-ffmpeg ships ffmpeg but not ffprobe, so this parses the summary that `ffmpeg -i`
+  prints. Header values may be wrong (a truncated file keeps its claimed duration); decoding
+  tells the truth.
+
+  Returns a dict with `container` (ffmpeg's format names), `duration` (seconds, or None),
+  `tags` (format-level metadata: lower-case keys, multi-line values joined by newlines) and
+  `video` / `audio`: the first stream of each kind, or None. Cover art (an attached picture) is
+  not taken for video. `video`: index (among the file's video streams, for `-map 0:v:N`), codec,
+  width, height (as coded), fps (nominal, or None), sar (pixel aspect ratio as a float),
+  rotation (degrees from the display matrix). `audio`: index, codec, sample_rate, channels.
+
+  Raises MediaError when ffmpeg cannot read the file as media (or takes over `timeout` seconds).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"probe_header: no such file: {os.fspath(path)!r}")
+  cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", _file_arg(path)]
+  try:
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    raise MediaError(f"probe_header {path}: ffmpeg took over {timeout} s to read the header"
+                     ) from None
+  log = proc.stderr.decode("utf-8", errors="replace")
+  section = _section(log, "Input #0")
+  if not section:
+    # ffmpeg exits 1 even on success here (no output given), so its log decides.
+    # Object addresses ('[in#0 @ 0x55...]') change from run to run; they are dropped so the
+    # same file always gives the same message.
+    errors = [re.sub(r" @ 0x[0-9a-f]+", "", line.strip()) for line in log.splitlines()
+              if line.strip()]
+    raise MediaError(f"probe_header {path}: ffmpeg cannot read it as media: "
+                     f"{' / '.join(errors)[:_STDERR_TAIL]}")
+  header = section.splitlines()[0]
+  match = re.match(r"Input #0, (.*), from ", header)
+  info: dict[str, Any] = {
+      "container": match.group(1) if match else None,
+      "duration": _container_duration(section),
+      "tags": _format_tags(section),
+      "video": None,
+      "audio": None,
+  }
+  video_ordinal = audio_ordinal = 0
+  for kind, desc, block in _stream_blocks(section):
+    if kind == "video":
+      if info["video"] is None and "(attached pic)" not in desc:
+        width, height = _size(desc)
+        sar = re.search(r"\[SAR (\d+):(\d+) ", desc)
+        rotation = re.search(r"rotation of (-?[\d.]+) degrees", block)
+        info["video"] = {
+            "index": video_ordinal, "codec": _codec(desc), "width": width, "height": height,
+            "fps": _nominal_fps(desc),
+            "sar": (int(sar.group(1)) / int(sar.group(2))
+                    if sar and int(sar.group(1)) and int(sar.group(2)) else 1.0),
+            "rotation": float(rotation.group(1)) if rotation else 0.0,
+        }
+      video_ordinal += 1
+    else:
+      if info["audio"] is None:
+        info["audio"] = {"index": audio_ordinal, "codec": _codec(desc),
+                         "sample_rate": _sample_rate(desc), "channels": _channels(desc)}
+      audio_ordinal += 1
+  return info
+
+
+def _stream_blocks(section: str) -> list[tuple[str, str, str]]:
+  """(kind, stream line description, the stream's indented block) for video/audio streams."""
+  matches = list(_STREAM_RE.finditer(section))
+  blocks = []
+  for i, match in enumerate(matches):
+    end = matches[i + 1].start() if i + 1 < len(matches) else len(section)
+    blocks.append((match.group(3).lower(), match.group(4), section[match.end():end]))
+  return blocks
+
+
+def _format_tags(section: str) -> dict[str, str]:
+  """The container's `Metadata:` block (the one before `Duration:`), as {key: value}."""
+  lines = section.splitlines()
+  tags: dict[str, str] = {}
+  in_block, last = False, None
+  for line in lines[1:]:
+    if line.startswith("  Duration:") or line.lstrip().startswith("Stream #"):
+      break
+    if line.strip() == "Metadata:" and line.startswith("  ") and not line.startswith("   "):
+      in_block = True
+      continue
+    if not in_block:
+      continue
+    key, sep, value = line.partition(":")
+    if not sep:
+      continue
+    key = key.strip().lower()
+    if key:
+      tags[key] = value.strip()
+      last = key
+    elif last is not None:  # ffmpeg prints each further line of a value as '   : text'
+      tags[last] += "\n" + value.strip()
+  return tags
+
+
 def _window_args(start: float, duration: float | None) -> list[str]:
   args = []
   if start:
