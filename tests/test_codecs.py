@@ -129,14 +129,16 @@ def test_builders(config):
   assert isinstance(autoencoders.build_video_codec(config), PixelCodec)
   c = get_base_config("demo")
   c.latent.video = "sd_vae"
-  with pytest.raises(NotImplementedError, match="video_latent"):
+  c.latent.video_source = "/no/such/vae"  # pretrained codecs load weights (test_pretrained_*.py)
+  with pytest.raises(ValueError, match="sd_vae.*/no/such/vae"):
     autoencoders.build_video_codec(c)
   c.latent.video = "vqgan"
   with pytest.raises(ValueError, match="latent.video"):
     autoencoders.build_video_codec(c)
+  c.latent.vocoder_source = "/no/such/vocoder"
   for name in ("bigvgan", "hifigan"):
     c.latent.vocoder = name
-    with pytest.raises(NotImplementedError, match=name):
+    with pytest.raises(ValueError, match=f"{name}.*/no/such/vocoder"):
       autoencoders.build_audio_codec(c)
   c.latent.vocoder = "wavenet"
   with pytest.raises(ValueError, match="vocoder"):
