@@ -2,6 +2,24 @@
 
 from setuptools import find_packages, setup
 
+EXTRAS = {
+    "gpu": ["jax[cuda12]>=0.6.0"],
+    "tpu": ["jax[tpu]>=0.6.0"],
+    # Pretrained encoders/VAE/vocoder ports: tokenizers, safetensors reading, hub downloads.
+    "pretrained": ["transformers>=5.0", "safetensors>=0.4", "huggingface_hub>=0.24"],
+    # Real-video ingestion at scale (Apache Beam runners) and the TFDS builder over our shards.
+    "beam": ["apache-beam>=2.60"],
+    "tfds": ["tensorflow-datasets>=4.9", "importlib_resources>=6.0"],
+    # Offline evaluation: optical flow (AV-Align), matrix square roots, plots, VGGish resampling.
+    "eval": ["opencv-python-headless>=4.8", "scipy>=1.11", "soundfile>=0.12", "matplotlib>=3.8",
+             "resampy>=0.4"],
+}
+# Tests exercise every extra, and build the PyTorch originals of ported models as references
+# (torch itself is installed by .ci/run: a CPU build, not the CUDA wheel pip would pick).
+EXTRAS["test"] = sorted({
+    "pytest>=8.0", "pytest-xdist>=3.5", "diffusers>=0.30", "nbclient>=0.10", "ipykernel>=6.0",
+    *EXTRAS["pretrained"], *EXTRAS["beam"], *EXTRAS["tfds"], *EXTRAS["eval"]})
+
 setup(
     name="avgen",
     version="0.1.0",
@@ -30,15 +48,9 @@ setup(
         "numpy>=1.26",
         "absl-py>=2.0",
         "tqdm>=4.66",
+        "scenedetect-headless>=0.7.2,<0.8",  # scene-cut filter of the ingestion pipeline
     ],
-    extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
-        "gpu": ["jax[cuda12]>=0.6.0"],
-        "tpu": ["jax[tpu]>=0.6.0"],
-        # Pretrained encoders/VAE/vocoder ports (issue 5) and the TFDS builder (issue 4).
-        "pretrained": ["transformers>=4.50", "safetensors>=0.4", "huggingface_hub>=0.24"],
-        "tfds": ["tensorflow-datasets>=4.9"],
-    },
+    extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
             "avgen-train=avgen.main:run",
