@@ -36,7 +36,8 @@ import numpy as np
 from flax import nnx
 
 from avgen.pretrained import hub
-from avgen.pretrained.safetensors_io import CheckpointError, check_weights_dir
+from avgen.pretrained.safetensors_io import (
+    CheckpointError, check_weights_dir, pickle_files, safetensors_files)
 
 KINDS = ("clip_text", "clip_vision", "t5_encoder", "wav2vec2", "videomae", "sd_vae", "hifigan",
          "bigvgan")
@@ -68,8 +69,7 @@ def load(kind: str, source: str | os.PathLike, *, dtype=jnp.float32,
   mod = kind_module(kind)
   dtype = jnp.dtype(dtype)
   root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else hub.default_cache_dir()
-  path = hub.resolve(source, what=f"load({kind!r})", cache_dir=root,
-                     patterns=getattr(mod, "HUB_PATTERNS", hub.DEFAULT_PATTERNS))
+  path = _resolve(mod, kind, source, root, what=f"load({kind!r})")
   if (path / MARKER).is_file():
     return restore_converted(kind, path, dtype)
   check_weights_dir(path, what=f"load({kind!r}, {str(source)!r})")
@@ -101,8 +101,7 @@ def convert(kind: str, source: str | os.PathLike, out: str | os.PathLike, *, dty
   """Converts `source` once and writes a directory that `load(kind, out)` restores directly."""
   mod = kind_module(kind)
   root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else hub.default_cache_dir()
-  path = hub.resolve(source, what=f"convert({kind!r})", cache_dir=root,
-                     patterns=getattr(mod, "HUB_PATTERNS", hub.DEFAULT_PATTERNS))
+  path = _resolve(mod, kind, source, root, what=f"convert({kind!r})")
   out = pathlib.Path(out).expanduser()
   if out.exists() and any(out.iterdir()):
     raise FileExistsError(f"convert: output directory {out} exists and is not empty")
@@ -184,6 +183,42 @@ def _key(path) -> str:
 
 def _flat(tree) -> dict:
   return {_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _resolve(mod: ModuleType, kind: str, source, root: pathlib.Path, *, what: str) -> pathlib.Path:
+  """The local safetensors directory of `source` (downloaded, or converted from a pickle).
+
+  A kind whose published weights exist only as a torch pickle (bigvgan) defines
+  `safetensors_from_pickle(src, out)`, which reads it with torch's weights-only unpickler (no
+  code runs); its output is kept under root/<kind>/from_pickle/. Other kinds refuse pickles.
+  """
+  converts = callable(getattr(mod, "safetensors_from_pickle", None))
+  path = hub.resolve(source, what=what, cache_dir=root,
+                     patterns=getattr(mod, "HUB_PATTERNS", hub.DEFAULT_PATTERNS),
+                     weights_only_pickle=converts)
+  if not converts or (path / MARKER).is_file() or safetensors_files(path) or not pickle_files(path):
+    return path
+  h = hashlib.sha256()
+  for f in sorted(pickle_files(path)) + [path / "config.json"]:
+    if f.is_file():
+      st = f.stat()
+      h.update(json.dumps([f.name, st.st_size, st.st_mtime_ns]).encode())
+  out = root / kind / "from_pickle" / h.hexdigest()[:20]
+  if not (out.is_dir() and safetensors_files(out)):
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".from_pickle.", dir=_mkdirs(out.parent)))
+    try:
+      mod.safetensors_from_pickle(path, tmp)
+      shutil.rmtree(out, ignore_errors=True)
+      os.replace(tmp, out)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+    _log.info("%s: converted the pickle in %s to safetensors in %s", what, path, out)
+  return out
+
+
+def _mkdirs(path: pathlib.Path) -> pathlib.Path:
+  path.mkdir(parents=True, exist_ok=True)
+  return path
 
 
 def _cache_key(mod: ModuleType, kind: str, path: pathlib.Path, dtype) -> str:

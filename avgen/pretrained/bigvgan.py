@@ -30,6 +30,8 @@ from avgen.pretrained.safetensors_io import (
 DEFAULT_SOURCE = "nvidia/bigvgan_v2_22khz_80band_256x"
 CACHE_VERSION = 1
 PICKLE_NAME = "bigvgan_generator.pt"
+# The hub repos publish the pickle only; the registry converts it (weights-only) on first load.
+HUB_PATTERNS = ("config.json", "*.safetensors", PICKLE_NAME)
 # What to do with a pickle-only directory (the package's own save format), for error messages.
 PICKLE_HINT = ("the bigvgan package saves bigvgan_generator.pt; convert it once with "
                "`avgen.pretrained.bigvgan.safetensors_from_pickle(src_dir, out_dir)` "

@@ -29,8 +29,13 @@ def parse_hub_id(source: str) -> tuple[str, str | None, str | None] | None:
 
 
 def resolve(source: str | os.PathLike, *, what: str, cache_dir: pathlib.Path | None = None,
-            patterns: Sequence[str] = DEFAULT_PATTERNS) -> pathlib.Path:
-  """A local directory holding `source`'s files; hub ids are downloaded (config/weights only)."""
+            patterns: Sequence[str] = DEFAULT_PATTERNS, weights_only_pickle: bool = False
+            ) -> pathlib.Path:
+  """A local directory holding `source`'s files; hub ids are downloaded (config/weights only).
+
+  weights_only_pickle: the kind converts a pickle with torch's weights-only unpickler, so a hub
+  folder without safetensors is accepted (the registry converts it before loading).
+  """
   path = pathlib.Path(source).expanduser()
   if path.is_dir():
     return path
@@ -57,7 +62,7 @@ def resolve(source: str | os.PathLike, *, what: str, cache_dir: pathlib.Path | N
   out = pathlib.Path(root) / subfolder if subfolder else pathlib.Path(root)
   if not out.is_dir():
     raise RuntimeError(f"{what}: hub repo {repo_id!r} has no folder {subfolder!r}")
-  if not any(out.glob("*.safetensors")):
+  if not any(out.glob("*.safetensors")) and not weights_only_pickle:
     raise RuntimeError(
         f"{what}: hub repo {repo_id!r}{'/' + subfolder if subfolder else ''} (revision "
         f"{revision or 'main'}) has no *.safetensors weights; avgen refuses pickle checkpoints "
