@@ -1,11 +1,17 @@
 """The one attention entry point of avgen.
 
 `attention(q, k, v, kv_lengths=..., mask=..., impl=...)` with layout [batch, length, heads,
-head_dim]. Backends:
+head_dim]. `mask` is a dense bool array or a `masks.BlockMask` (a block-structured rule whose
+empty tiles the pallas kernels skip). Backends:
   xla    plain einsum + softmax in float32; the reference every other backend is tested against.
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
-  pallas our own flash kernels (a later issue).
-  auto   cudnn on NVIDIA GPUs when it accepts the shape, else xla; logs once per reason.
+  pallas our own flash kernels: Mosaic GPU (wgmma/TMA, warp-specialized) on Hopper for
+         bf16/fp16 with head_dim in {64, 128, 192, 256} and no dense-array mask; the portable
+         Pallas kernel (Triton) for everything else on NVIDIA GPUs; the same portable kernel
+         with interpret=True on the CPU (slow: for tests). No TPU kernel yet.
+  auto   on NVIDIA GPUs: pallas for a BlockMask (on Hopper always when the Mosaic kernel takes
+         the call, elsewhere when it skips enough tiles), else cuDNN when it accepts the shape,
+         else xla; on other platforms xla. Logs once per fallback reason.
 """
 
 from __future__ import annotations
@@ -16,7 +22,16 @@ import logging
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "cudnn")
+from avgen.kernels import masks as masks_lib
+
+IMPLS = ("auto", "xla", "cudnn", "pallas")
+
+# Off Hopper, auto picks the portable (Triton) kernel for a BlockMask that leaves at most this
+# share of the tiles to visit; on Hopper the Mosaic GPU kernel takes every BlockMask it supports.
+# Measured on H100 (benchmarks/results/attention.md): cuDNN given the same rule as a dense mask
+# array runs 1.87x its dense time, the Mosaic kernel ~1.2x cuDNN dense with nothing skipped and
+# 0.37x at 26% of the tiles; the Triton kernel is 3.4x dense and 0.93x at 26%.
+AUTO_PALLAS_MAX_TILE_FRACTION = 0.5
 
 _log = logging.getLogger(__name__)
 
@@ -26,8 +41,9 @@ def _log_once(message: str) -> None:
   _log.warning(message)
 
 
-def _key_mask(kv_lengths: jax.Array | None, mask: jax.Array | None, lk: int) -> jax.Array | None:
+def _key_mask(kv_lengths: jax.Array | None, mask, lk: int) -> jax.Array | None:
   """Combines key padding and an explicit mask into one boolean [b|1, h|1, lq|1, lk] mask."""
+  mask = _dense(mask)
   combined = None
   if kv_lengths is not None:
     combined = (jnp.arange(lk)[None, :] < kv_lengths[:, None])[:, None, None, :]
@@ -54,8 +70,15 @@ def xla_attention(q, k, v, *, kv_lengths=None, mask=None):
   return out.astype(q.dtype)
 
 
+def _dense(mask):
+  if isinstance(mask, masks_lib.BlockMask):
+    return jnp.asarray(mask.dense())
+  return mask
+
+
 def cudnn_attention(q, k, v, *, kv_lengths=None, mask=None):
   """cuDNN fused attention; raises if cuDNN refuses the shape or dtype."""
+  mask = _dense(mask)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], q.shape[1], k.shape[1]))
   return jax.nn.dot_product_attention(
@@ -96,30 +119,72 @@ def _cudnn_trace_refusal(q_shape, k_shape, dtype, with_lengths: bool, mask_shape
   return None
 
 
+def _is_hopper() -> bool:
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def pallas_attention(q, k, v, *, kv_lengths=None, mask=None):
+  """Our flash kernels: Mosaic GPU on Hopper where it applies, else the portable kernel."""
+  from avgen.kernels import flash_mosaic_gpu, flash_pallas  # noqa: PLC0415 - heavy imports
+  platform = jax.default_backend()
+  if platform == "cpu":
+    return flash_pallas.flash_attention(q, k, v, kv_lengths=kv_lengths, mask=mask, interpret=True)
+  if platform != "gpu":
+    raise ValueError(f"attention: impl='pallas' has no kernel for platform {platform!r} yet; "
+                     "use impl='xla'")
+  if _is_hopper():
+    reason = flash_mosaic_gpu.refusal(q, k, mask)
+    if reason is None:
+      return flash_mosaic_gpu.flash_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
+    _log_once(f"attention(impl='pallas') uses the portable Triton kernel: {reason}")
+  return flash_pallas.flash_attention(q, k, v, kv_lengths=kv_lengths, mask=mask, interpret=False)
+
+
+def _auto_wants_pallas(q, k, mask) -> bool:
+  if not isinstance(mask, masks_lib.BlockMask):
+    return False
+  if _is_hopper():
+    from avgen.kernels import flash_mosaic_gpu  # noqa: PLC0415 - GPU-only import
+    if flash_mosaic_gpu.refusal(q, k, mask) is None:
+      return True
+  return mask.visible_tile_fraction(128, 64) <= AUTO_PALLAS_MAX_TILE_FRACTION
+
+
 def attention(q, k, v, *, kv_lengths=None, mask=None, impl: str = "auto"):
   """Scaled dot-product attention, [b, l, h, d] in and out.
 
   Args:
     q: [b, lq, h, d]; k, v: [b, lk, h, d] (same heads: expand grouped KV before calling).
     kv_lengths: optional int [b]; keys at index >= length are padding.
-    mask: optional bool [b|1, h|1, lq|1, lk]; True means "may attend".
+    mask: optional bool [b|1, h|1, lq|1, lk] (True means "may attend"), or a masks.BlockMask
+      over (lq, lk) tokens.
     impl: one of IMPLS.
   """
   if impl not in IMPLS:
     raise ValueError(f"attention: unknown impl {impl!r}; expected one of {IMPLS}")
   if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-    raise ValueError(f"attention: want q [b,lq,h,d], k=v [b,lk,h,d]; got {q.shape}, {k.shape}, {v.shape}")
+    raise ValueError(f"attention: want q [b,lq,h,d], k=v [b,lk,h,d]; got {q.shape}, {k.shape}, "
+                     f"{v.shape}")
+  if isinstance(mask, masks_lib.BlockMask) and mask.shape != (q.shape[1], k.shape[1]):
+    raise ValueError(f"attention: BlockMask covers (lq, lk)={mask.shape} but q, k have lengths "
+                     f"{(q.shape[1], k.shape[1])}")
   if impl == "xla":
     return xla_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
+  if impl == "pallas":
+    return pallas_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
   reason = _cudnn_refusal(q, k)
   if impl == "cudnn":
     if reason is not None:
       raise ValueError(f"attention: impl='cudnn' cannot run here: {reason}")
     return cudnn_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
+  if jax.default_backend() == "gpu" and _auto_wants_pallas(q, k, mask):
+    return pallas_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
   if reason is None:
     # e.g. kv length 77 with q 16,640 is refused (seen on H100, jax 0.11).
-    reason = _cudnn_trace_refusal(q.shape, k.shape, q.dtype, kv_lengths is not None,
-                                  None if mask is None else tuple(mask.shape))
+    mask_shape = None if mask is None else (1, 1, *mask.shape) if isinstance(
+        mask, masks_lib.BlockMask) else tuple(mask.shape)
+    reason = _cudnn_trace_refusal(q.shape, k.shape, q.dtype, kv_lengths is not None, mask_shape)
   if reason is None:
     return cudnn_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
   if jax.default_backend() == "gpu":
