@@ -105,6 +105,9 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mo.align_width = 64 if demo else 512  # temporal alignment features
   mo.align_window = 2 if demo else 1  # video frames per alignment window
   mo.attention_impl = "auto"  # auto | xla | cudnn | pallas
+  # Joint self-attention sees only tokens within +-this many frames on the shared time axis
+  # (0: everything). A block mask, so the pallas kernels skip the tiles outside it.
+  mo.attention_window = 0.0
   mo.dtype = "float32" if demo else "bfloat16"  # compute dtype
   mo.param_dtype = "float32"
   mo.remat = "none" if demo else "dots"  # none | full | dots

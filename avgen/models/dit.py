@@ -13,6 +13,7 @@ copy per modality; the self-attention is still one call over the whole sequence.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from avgen.kernels import masks as masks_lib
 from avgen.models import rope as rope_lib
 from avgen.models.embeddings import AudioPatchEmbed, ModalityEmbedding, TimestepEmbedder, VideoPatchEmbed
 from avgen.models.heads import AudioHead, VideoHead
@@ -71,24 +73,38 @@ class DiTBlock(nnx.Module):
     return jnp.concatenate([jnp.broadcast_to(video_vec, (b, self.num_video, d)),
                             jnp.broadcast_to(audio_vec, (b, length - self.num_video, d))], 1)
 
-  def _self_attention(self, h: jax.Array, rope) -> jax.Array:
+  def _self_attention(self, h: jax.Array, rope, mask) -> jax.Array:
     parts = [attn.qkv(p) for attn, p in zip(self.attn, self._split(h))]
     q, k, v = (jnp.concatenate(t, 1) for t in zip(*parts))
     q, k = rope_lib.apply_rope(q, *rope), rope_lib.apply_rope(k, *rope)
-    o = self.attn[0].attend(q, k, v)
+    o = self.attn[0].attend(q, k, v, mask=mask)
     return jnp.concatenate([attn.output(p) for attn, p in zip(self.attn, self._split(o))], 1)
 
-  def __call__(self, x, c_video, c_audio, text, text_lengths, rope) -> jax.Array:
+  def __call__(self, x, c_video, c_audio, text, text_lengths, rope, mask=None) -> jax.Array:
+    """`mask`: None or the joint sequence's BlockMask (temporal window), static per shape."""
     length = x.shape[1]
     mods = [self._per_token(v, a, length) for v, a in zip(self.adaln_v(c_video), self.adaln_a(c_audio))]
     shift1, scale1, gate1, shift2, scale2, gate2 = mods
-    x = x + gate1 * self._self_attention(modulate(self.norm1(x), shift1, scale1), rope)
+    x = x + gate1 * self._self_attention(modulate(self.norm1(x), shift1, scale1), rope, mask)
     h = self.norm_cross(x)
     x = x + jnp.concatenate([cross(p, text, kv_lengths=text_lengths)
                              for cross, p in zip(self.cross, self._split(h))], 1)
     h = modulate(self.norm2(x), shift2, scale2)
     x = x + gate2 * jnp.concatenate([mlp(p) for mlp, p in zip(self.mlp, self._split(h))], 1)
     return constrain(x, ACT)
+
+
+@functools.lru_cache(maxsize=16)
+def joint_window_mask(video_grid: tuple[int, int, int], patch_t: int, audio_timing: tuple,
+                      window: float) -> masks_lib.BlockMask:
+  """Tokens of the joint sequence see only tokens within +-window frames on the shared time axis.
+
+  Built once per shape from the same token times as RoPE, so kernels can skip whole tiles.
+  """
+  n, audio_patch, hop, sample_rate, fps = audio_timing
+  video = masks_lib.video_token_times(video_grid[0], patch_t, video_grid[1] * video_grid[2])
+  audio = masks_lib.audio_token_times(n // audio_patch, audio_patch, hop, sample_rate, fps)
+  return masks_lib.self_attention_window(masks_lib.joint_layout(video, audio), float(window))
 
 
 def _remat_policy(mode: str):
@@ -124,6 +140,9 @@ class AVDiT(nnx.Module):
     self.rope_theta = m.rope_theta
     self.remat_policy_name = m.remat
     _remat_policy(m.remat)
+    self.attention_window = float(m.attention_window)
+    if self.attention_window < 0:
+      raise ValueError(f"model.attention_window={m.attention_window} must be >= 0 (frames; 0: none)")
     # Scalars only: a module's static attributes should stay small and hashable.
     self.audio_timing = (n, m.audio_patch, config.mel.hop_length, d.sample_rate, d.fps)
     audio_pos = rope_lib.audio_positions(*self.audio_timing)
@@ -188,14 +207,17 @@ class AVDiT(nnx.Module):
     text = text.astype(self.dtype)
     text_lengths = jnp.sum(text_mask, -1).astype(jnp.int32)
     rope = self.rope_tables()
+    mask = None
+    if self.attention_window:
+      mask = joint_window_mask(self.grid, self.video_patch[0], self.audio_timing, self.attention_window)
 
     x = constrain(jnp.concatenate([xv, xa], 1), ACT)
     policy = _remat_policy(self.remat_policy_name)
     for block in self.blocks:
       if self.remat_policy_name == "none":
-        x = block(x, c_video, c_audio, text, text_lengths, rope)
+        x = block(x, c_video, c_audio, text, text_lengths, rope, mask)
       else:
-        x = nnx.remat(lambda blk, *args: blk(*args), policy=policy)(
+        x = nnx.remat(lambda blk, *args: blk(*args, mask=mask), policy=policy)(
             block, x, c_video, c_audio, text, text_lengths, rope)
     return x[:, :self.num_video], x[:, self.num_video:], c_video, c_audio
 
