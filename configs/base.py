@@ -111,6 +111,7 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mo.dtype = "float32" if demo else "bfloat16"  # compute dtype
   mo.param_dtype = "float32"
   mo.remat = "none" if demo else "dots"  # none | full | dots
+  mo.scan_layers = False  # DiT blocks as one nnx.scan (stacked params, one compiled block)
   mo.text_encoder = "byte"  # byte (trainable, nothing downloaded); clip_text / t5_encoder later
   mo.text_width = 128 if demo else 1024  # width of the text states the DiT attends to
   mo.text_depth = 2 if demo else 4  # layers of the byte text encoder

@@ -155,10 +155,20 @@ class AVDiT(nnx.Module):
     self.t_embed_a = TimestepEmbedder(m.width, **kw)
     self.text_pool1 = Dense(m.text_width, m.width, ("embed", "mlp"), **kw)
     self.text_pool2 = Dense(m.width, m.width, ("mlp", "embed"), **kw)
-    self.blocks = nnx.List([
-        DiTBlock(m.width, m.num_heads, m.mlp_ratio, m.text_width, self.num_video,
-                 shared_weights=m.shared_weights, qk_norm=m.qk_norm, impl=m.attention_impl, **kw)
-        for _ in range(m.depth)])
+    def make_block(rngs):
+      return DiTBlock(m.width, m.num_heads, m.mlp_ratio, m.text_width, self.num_video,
+                      shared_weights=m.shared_weights, qk_norm=m.qk_norm, impl=m.attention_impl,
+                      rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    self.scan_layers = bool(m.scan_layers)
+    if self.scan_layers:
+      # One block's graph with every parameter stacked on a leading `layers` axis: XLA compiles
+      # the block once (a loop) instead of depth copies.
+      self.blocks = nnx.split_rngs(splits=m.depth)(
+          nnx.vmap(make_block, in_axes=0, out_axes=0,
+                   transform_metadata={nnx.PARTITION_NAME: "layers"}))(rngs)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(m.depth)])
     self.align = TemporalAlignment(
         m.width, m.num_heads, grid=self.grid, frame_patch=pt, audio_times=audio_pos[:, 0].tolist(),
         num_frames=t, align_window=m.align_window, align_width=m.align_width, qk_norm=m.qk_norm,
@@ -212,13 +222,20 @@ class AVDiT(nnx.Module):
       mask = joint_window_mask(self.grid, self.video_patch[0], self.audio_timing, self.attention_window)
 
     x = constrain(jnp.concatenate([xv, xa], 1), ACT)
-    policy = _remat_policy(self.remat_policy_name)
-    for block in self.blocks:
-      if self.remat_policy_name == "none":
-        x = block(x, c_video, c_audio, text, text_lengths, rope, mask)
-      else:
-        x = nnx.remat(lambda blk, *args: blk(*args, mask=mask), policy=policy)(
-            block, x, c_video, c_audio, text, text_lengths, rope)
+    context = (c_video, c_audio, text, text_lengths, rope)
+
+    def apply(block, x):
+      return block(x, *context, mask=mask)
+
+    if self.remat_policy_name != "none":
+      apply = nnx.remat(apply, policy=_remat_policy(self.remat_policy_name))
+    if self.scan_layers:
+      scan = nnx.scan(lambda x, block: apply(block, x), in_axes=(nnx.Carry, 0),
+                      out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      x = scan(x, self.blocks)
+    else:
+      for block in self.blocks:
+        x = apply(block, x)
     return x[:, :self.num_video], x[:, self.num_video:], c_video, c_audio
 
   def __call__(self, video, audio, t_video, t_audio, text, text_mask) -> DiTOutput:
