@@ -47,8 +47,10 @@ def _plain(v):
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True, data_slots: int = 1):
+    """`data_slots`: how many distinct shares of each batch the hosts read (mesh.process_batch_slot)."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.data_slots = data_slots
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(
@@ -63,7 +65,8 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator, config: ml_collections.ConfigDict, *, force=False) -> bool:
-    record = {"config": json.loads(config.to_json_best_effort()), "shape_signature": shape_signature(config)}
+    record = {"config": json.loads(config.to_json_best_effort()), "shape_signature": shape_signature(config),
+              "data_slots": self.data_slots}
     return self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -84,15 +87,27 @@ class Checkpointer:
           f"{self.directory}/{step} was written for a different model shape; use another --workdir "
           "or the config it was trained with. Differences:\n  " + "\n  ".join(diffs))
 
+  def has_data_state(self, step: int) -> bool:
+    """Whether `step`'s data-iterator states fit this run (not after a host or data-slot change).
+
+    Grain writes one state per process, named by process index and count; a state is a position
+    in that host's share of the batches, so it is only valid for the same split of the batch.
+    """
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.exists(os.path.join(self.directory, str(step), "data", name)):
+      return False
+    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    return saved.get("data_slots", self.data_slots) == self.data_slots
+
   def restore(self, step: int, abstract_state, data_iterator, config: ml_collections.ConfigDict):
-    """Restores the state into the shardings of `abstract_state` and the data iterator in place."""
+    """Restores the state into the shardings of `abstract_state` (any mesh or host count), and
+    the data iterator in place unless `data_iterator` is None."""
     self.check_compatible(step, config)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-      restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except ValueError as e:
       if "shape" in str(e).lower():
         raise CheckpointMismatchError(
