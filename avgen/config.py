@@ -16,7 +16,7 @@ from avgen.kernels import IMPLS
 # objective -> the samplers that fit it (one table, kept by the samplers module)
 SAMPLERS = {obj: tuple(s for s, o in _SAMPLER_OBJECTIVE.items() if o == obj)
             for obj in sorted(set(_SAMPLER_OBJECTIVE.values()))}
-TEXT_ENCODERS = ("byte",)
+TEXT_ENCODERS = ("byte", "clip_text", "t5_encoder")
 VIDEO_LATENTS = ("pixels", "sd_vae")
 VOCODERS = ("griffin_lim", "bigvgan", "hifigan")
 REMAT = ("none", "full", "dots")
@@ -109,12 +109,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   head_dim = mo.width // mo.num_heads
   _require(head_dim % 8 == 0,
            f"config.model.width / num_heads = {head_dim} must be a multiple of 8 (3D RoPE sections)")
-  _require(mo.text_width % mo.text_heads == 0,
-           f"config.model.text_heads={mo.text_heads} must divide config.model.text_width={mo.text_width}")
   _require(mo.attention_impl in IMPLS, f"config.model.attention_impl={mo.attention_impl!r}: unknown "
            f"attention impl; known: {IMPLS}")
   _require(mo.text_encoder in TEXT_ENCODERS,
            f"config.model.text_encoder={mo.text_encoder!r} not in {TEXT_ENCODERS}")
+  if mo.text_encoder == "byte":
+    _require(mo.text_width % mo.text_heads == 0,
+             f"config.model.text_heads={mo.text_heads} must divide config.model.text_width="
+             f"{mo.text_width}")
+  for name in ("text_encoder_source", "text_tokenizer_source"):
+    _require(isinstance(mo.get(name, ""), str),
+             f"config.model.{name}={mo.get(name)!r} must be a string (local dir or hub id; '' for "
+             "the default)")
+  # Widths and token counts of a frozen encoder are checked against its checkpoint's config
+  # (text_encoder.check_frozen_checkpoint): they are not known without reading it.
   _require(mo.remat in REMAT, f"config.model.remat={mo.remat!r} not in {REMAT}")
   _require(mo.dtype in DTYPES and mo.param_dtype in DTYPES,
            f"config.model.dtype={mo.dtype!r} / param_dtype={mo.param_dtype!r} must be in {DTYPES}")
@@ -152,6 +160,17 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
            f"config.train.grad_accum={t.grad_accum} must be >= 1 and divide data.batch_size={d.batch_size}")
   _require(t.learning_rate > 0, f"config.train.learning_rate={t.learning_rate} must be > 0")
   _require(0.0 <= t.ema_decay < 1.0, f"config.train.ema_decay={t.ema_decay} must be in [0, 1)")
+
+  # in-training evaluation (absent from configs saved before it existed)
+  ev = c.get("eval")
+  if ev is not None:
+    from avgen.metrics.in_training import KNOWN_METRICS  # pylint: disable=g-import-not-at-top
+    _require(isinstance(ev.every, int) and ev.every >= 0,
+             f"config.eval.every={ev.every!r} must be an int >= 0 (0 disables)")
+    unknown = sorted(set(ev.metrics) - set(KNOWN_METRICS))
+    _require(not unknown and len(ev.metrics) > 0,
+             f"config.eval.metrics={tuple(ev.metrics)}: unknown {unknown}; use a non-empty subset "
+             f"of {KNOWN_METRICS}")
 
   # mesh
   if num_devices is not None:

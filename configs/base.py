@@ -112,7 +112,11 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mo.param_dtype = "float32"
   mo.remat = "none" if demo else "dots"  # none | full | dots
   mo.scan_layers = False  # DiT blocks as one nnx.scan (stacked params, one compiled block)
-  mo.text_encoder = "byte"  # byte (trainable, nothing downloaded); clip_text / t5_encoder later
+  # byte: trained with the model, nothing downloaded. clip_text / t5_encoder: frozen pretrained
+  # encoders (text_width must equal theirs: 768 for CLIP ViT-L/14, 4096 for T5-v1.1-XXL).
+  mo.text_encoder = "byte"
+  mo.text_encoder_source = ""  # frozen encoder weights: local dir or hub id; "" = kind's default
+  mo.text_tokenizer_source = ""  # its tokenizer; "" = text_encoder_source
   mo.text_width = 128 if demo else 1024  # width of the text states the DiT attends to
   mo.text_depth = 2 if demo else 4  # layers of the byte text encoder
   mo.text_heads = 4 if demo else 8
@@ -156,6 +160,13 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.prompts = ("a red circle bounces", "a blue square bounces", "a green triangle and a yellow circle bounce")
   s.every = 300 if demo else 5000  # training steps between samples; 0 disables
   s.use_ema = True
+
+  # ---- in-training evaluation of the periodic samples (avgen.metrics.in_training)
+  c.eval = ev = ml_collections.ConfigDict()
+  ev.every = 300 if demo else 5000  # training steps between evaluations; 0 disables
+  # sync: the synthetic task's event score; av_align needs real motion; temporal: frame change
+  ev.metrics = ("sync", "temporal") if demo else ("av_align", "temporal")
+  ev.lpips_weights = ""  # LPIPS state dict for `temporal`; "" = the labelled pixel fallback
 
   # ---- training
   c.train = t = ml_collections.ConfigDict()

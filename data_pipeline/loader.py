@@ -14,6 +14,13 @@ corrupt records skipped for that batch (the end of a finite stream logs what is 
 processes each worker batches its own slice, so the batch order differs from num_workers=0.
 A record that decodes but disagrees with the config
 (frames, size, fps, sample rate, cached latent shapes) is a configuration mistake and raises.
+
+Cached latents (written by `data_pipeline.precompute` or the synthetic set) carry the settings
+they were made with in `meta` (`video_latent_config`, `audio_mel_config`); a cache is used only
+when those equal this config's (`video_latent_settings`, the mel analysis' `settings()`). A
+stale mel or pixel latent is recomputed; a stale SD-VAE latent raises (the loader does not run
+the VAE). A cache without recorded settings is used as stored, after a shape check.
+Captions are tokenized with the tokenizer of config.model.text_encoder (`build_tokenizer`).
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from absl import flags
 import grain
 import numpy as np
 
-from avgen.models.autoencoders.mel import MelCodec
+from avgen.models.autoencoders import build_mel_analysis
 from avgen.models.autoencoders.pixels import PixelCodec
-from avgen.models.tokenizer import ByteTokenizer
+from avgen.models.tokenizer import build_tokenizer
 from data_pipeline import schema
 
 _CORRUPT = "_corrupt_record"
@@ -67,13 +74,37 @@ def resolve_paths(pattern_or_list: str | Sequence[str]) -> list[str]:
   return out
 
 
+def video_latent_settings(config) -> dict[str, Any]:
+  """Everything in the config that decides a video latent's values; a cached `video_latent`
+  whose `meta["video_latent_config"]` equals this is valid for `config`."""
+  kind = config.latent.video
+  if kind == "pixels":
+    return {"kind": "pixels"}
+  if kind == "sd_vae":
+    from avgen.pretrained import sd_vae  # pylint: disable=g-import-not-at-top
+    latent = config.latent
+    source = latent.get("video_source", None) or sd_vae.DEFAULT_SOURCE
+    return {"kind": "sd_vae", "source": str(source),
+            "dtype": str(latent.get("codec_dtype", None) or "float32"),
+            "downsample": int(latent.video_downsample), "channels": int(latent.video_channels)}
+  raise ValueError(f"config.latent.video={kind!r} is not a known video latent space")
+
+
+def settings_difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
+  """'key: stored X, config Y; ...' for the keys that differ (for error messages)."""
+  keys = sorted(set(stored) | set(wanted))
+  return "; ".join(f"{k}: stored {stored.get(k)!r}, config {wanted.get(k)!r}" for k in keys
+                   if stored.get(k) != wanted.get(k))
+
+
 class ExampleTransform:
   """Record bytes -> model inputs for one example, or a corrupt-record marker.
 
-  Holds only plain values and numpy arrays so that grain can pickle it into worker processes.
+  Holds only plain values, numpy arrays and a picklable tokenizer, so that grain can pickle it
+  into worker processes.
   """
 
-  def __init__(self, config):
+  def __init__(self, config, *, tokenize: bool = True):
     d = config.data
     self.num_frames, self.height, self.width = int(d.num_frames), int(d.height), int(d.width)
     self.fps, self.sample_rate = float(d.fps), int(d.sample_rate)
@@ -84,11 +115,14 @@ class ExampleTransform:
     factor = int(config.latent.video_downsample)
     self.latent_shape = (self.num_frames, self.height // factor, self.width // factor,
                          int(config.latent.video_channels))
+    self.video_settings = video_latent_settings(config)
     self.pixels = PixelCodec()
-    self.mel = MelCodec.from_config(config)
+    # The vocoder's own mel analysis (MelCodec for griffin_lim): what the vocoder inverts.
+    self.mel = build_mel_analysis(config)
     self.mel_shape = (self.mel.num_frames(self.num_samples), self.mel.n_mels)
     self.mel_settings = self.mel.settings()
-    self.tokenizer = ByteTokenizer(int(d.caption_max_len))
+    # tokenize=False: only the record checks are wanted (the precompute job).
+    self.tokenizer = build_tokenizer(config) if tokenize else None
 
   def __call__(self, record: bytes) -> dict[str, np.ndarray]:
     try:
@@ -96,17 +130,11 @@ class ExampleTransform:
     except schema.SchemaError as e:
       logging.warning("loader: skipping corrupt record: %s", e)
       return {_CORRUPT: np.int32(1)}
-    self._check(ex)
-    if self.video_kind == "pixels":
+    self.check(ex)
+    video = self.cached_video_latent(ex)
+    if video is None:  # pixels: encoding is cheap and exact
       video = self.pixels.encode(ex["video"])
-    else:
-      video = ex.get("video_latent")
-      if video is None:
-        raise ValueError(
-            f"loader: config.latent.video={self.video_kind!r} reads the precomputed field "
-            "'video_latent', which this record lacks; precompute latents into the shards or use "
-            "latent.video='pixels'")
-      video = video.astype(np.float32)
+    video = video.astype(np.float32)
     mel = ex.get("audio_mel")
     # A cached mel that records its settings is used only if they are this config's (a stale
     # cache after a config change would otherwise be trained on silently); one without settings
@@ -118,7 +146,29 @@ class ExampleTransform:
     ids, mask = self.tokenizer([ex["caption"]])
     return {"video": video, "audio": mel, "text_ids": ids[0], "text_mask": mask[0]}
 
-  def _check(self, ex: dict[str, Any]) -> None:
+  def cached_video_latent(self, ex: dict[str, Any]) -> np.ndarray | None:
+    """The record's `video_latent` if valid for this config; None where pixels are to be encoded.
+
+    Raises for an SD-VAE config when the record has no latent or one made with other settings.
+    """
+    latent = ex.get("video_latent")
+    made_with = ex["meta"].get("video_latent_config")
+    if self.video_kind == "pixels":
+      return latent if latent is not None and made_with == self.video_settings else None
+    if latent is None:
+      raise ValueError(
+          f"loader: config.latent.video={self.video_kind!r} reads the precomputed field "
+          "'video_latent', which this record lacks; precompute latents into the shards "
+          "(python -m data_pipeline.precompute) or use latent.video='pixels'")
+    if made_with is not None and made_with != self.video_settings:
+      raise ValueError(
+          "loader: record field 'video_latent' was made with other settings than the config's ("
+          f"{settings_difference(made_with, self.video_settings)}); re-run "
+          "python -m data_pipeline.precompute with this config, or set config.latent to match")
+    return latent
+
+  def check(self, ex: dict[str, Any]) -> None:
+    """Raises ValueError when a decoded record disagrees with the config."""
     def fail(field, got, rule):
       raise ValueError(f"loader: record field {field!r} is {got} but {rule}; the data does not "
                        "match the config")
@@ -131,13 +181,19 @@ class ExampleTransform:
       fail("fps", ex["fps"], f"config.data.fps={self.fps}")
     if ex["sample_rate"] != self.sample_rate:
       fail("sample_rate", ex["sample_rate"], f"config.data.sample_rate={self.sample_rate}")
-    if ex.get("audio_mel") is not None and ex["audio_mel"].shape != self.mel_shape:
+    mel_settings = ex["meta"].get("audio_mel_config")
+    if (ex.get("audio_mel") is not None and ex["audio_mel"].shape != self.mel_shape
+        and mel_settings in (None, self.mel_settings)):
       fail("audio_mel", f"shape {ex['audio_mel'].shape}",
            f"config.mel (hop_length, n_mels) gives {self.mel_shape}")
-    if self.video_kind != "pixels" and ex.get("video_latent") is not None:
-      if ex["video_latent"].shape != self.latent_shape:
-        fail("video_latent", f"shape {ex['video_latent'].shape}",
-             f"config.latent (video_downsample, video_channels) gives {self.latent_shape}")
+    latent_settings = ex["meta"].get("video_latent_config")
+    if (ex.get("video_latent") is not None and ex["video_latent"].shape != self.latent_shape
+        and (latent_settings == self.video_settings
+             or (latent_settings is None and self.video_kind != "pixels"))):
+      fail("video_latent", f"shape {ex['video_latent'].shape}",
+           f"config.latent (video_downsample, video_channels) gives {self.latent_shape}")
+
+  _check = check  # the name older callers use
 
 
 class _BatchIterator(grain.DatasetIterator):

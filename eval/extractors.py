@@ -66,12 +66,65 @@ def clap(given: Mapping[str, str], download: bool) -> Extractor:
   return Extractor(name, {"audio": encoders.audio, "text": encoders.text}, encoders.model)
 
 
-def clip(given: Mapping[str, str], download: bool) -> Extractor:
-  del given, download
-  raise ExtractorUnavailableError(
-      "metric 'clip': the CLIP image and text encoders (avgen/models/encoders/clip.py, issue 5) "
-      "are not connected to the eval job yet; avgen.metrics.similarity.clip_score takes them as "
-      "callables once they are")
+def clip(given: Mapping[str, str], download: bool, *, batch_size: int = 16) -> Extractor:
+  """CLIP image and text embeddings (projected) from a CLIPModel folder, through avgen's ports.
+
+  Frames and captions are encoded `batch_size` at a time (the last batch padded, so each side
+  compiles once per clip shape).
+  """
+  # pylint: disable=g-import-not-at-top  (JAX models only when the metric is asked for)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from avgen import pretrained
+  from avgen.models.encoders.clip import preprocess_images
+  from avgen.pretrained.tokenizer import load_tokenizer
+
+  folder = weights_lib.resolve("clip", given, download=download, metric="clip")
+  vision = pretrained.load("clip_vision", folder)
+  text = pretrained.load("clip_text", folder)
+  if vision.visual_projection is None or text.text_projection is None:
+    raise ValueError(f"metric 'clip': {folder} lacks the image or text projection into CLIP's "
+                     "joint space; give a full CLIPModel checkpoint")
+  dims = (vision.config.projection_dim, text.config.projection_dim)
+  if dims[0] != dims[1]:
+    raise ValueError(f"metric 'clip': {folder} projects images to {dims[0]} and text to "
+                     f"{dims[1]} dimensions; they must agree")
+  size, max_len = vision.config.image_size, text.config.max_position_embeddings
+  tokenizer = load_tokenizer(folder, max_len)
+  vision_def, vision_state = nnx.split(vision)
+  text_def, text_state = nnx.split(text)
+  image_fn = jax.jit(lambda s, x: nnx.merge(vision_def, s)(preprocess_images(x, size)).image_embeds)
+  text_fn = jax.jit(lambda s, ids, mask: nnx.merge(text_def, s)(ids, mask).text_embeds)
+
+  def batched(fn, *arrays):
+    out, n = [], len(arrays[0])
+    for start in range(0, n, batch_size):
+      chunk = [a[start:start + batch_size] for a in arrays]
+      pad = batch_size - len(chunk[0])
+      chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) if pad else c for c in chunk]
+      out.append(np.asarray(fn(*map(jnp.asarray, chunk)), np.float32)[:batch_size - pad])
+    return np.concatenate(out)
+
+  def image(frames):
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+      raise ValueError(f"clip image encoder: frames must be uint8 [N, H, W, 3], got "
+                       f"{frames.dtype} {frames.shape}")
+    return batched(lambda x: image_fn(vision_state, x), frames)
+
+  def caption(texts):
+    ids, mask = tokenizer(list(texts))
+    return batched(lambda i, m: text_fn(text_state, i, m), ids, mask)
+
+  checkpoint = os.path.basename(os.path.normpath(given.get("clip") or str(folder)))
+  name = (f"CLIP (Flax port of transformers CLIPModel, {checkpoint}): projected image embedding "
+          f"of every frame (shorter side resized to {size} px, antialiased bicubic, centre crop, "
+          f"CLIP normalisation; close to but not bit-identical with CLIPImageProcessor) against "
+          f"the projected caption embedding (captions cut to {max_len} tokens)")
+  return Extractor(name, {"image": image, "text": caption}, {"vision": vision, "text": text})
 
 
 def i3d(given: Mapping[str, str], download: bool) -> Extractor:

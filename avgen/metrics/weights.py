@@ -30,6 +30,8 @@ class WeightSpec:
   description: str
   downloadable: bool = True
   is_dir: bool = False
+  # Files of a hub folder to fetch (None: all); keeps pickles and other frameworks' copies out.
+  patterns: tuple[str, ...] | None = None
 
 
 WEIGHTS = {
@@ -48,6 +50,13 @@ WEIGHTS = {
         "a transformers CLAP folder: ClapModel.from_pretrained(ID).save_pretrained(DIR) and "
         "ClapProcessor.from_pretrained(ID).save_pretrained(DIR), ID an unfused checkpoint",
         is_dir=True),
+    "clip": WeightSpec(
+        "clip", "openai/clip-vit-large-patch14",
+        "a transformers CLIPModel folder in safetensors with its tokenizer: "
+        "CLIPModel.from_pretrained(ID).save_pretrained(DIR) and "
+        "CLIPTokenizer.from_pretrained(ID).save_pretrained(DIR), ID e.g. "
+        "openai/clip-vit-large-patch14 (both towers and their projections are needed)",
+        is_dir=True, patterns=("*.json", "*.safetensors", "*.txt")),
 }
 
 
@@ -90,7 +99,8 @@ def _download(name: str, spec: WeightSpec) -> str:
   try:
     if spec.is_dir:
       from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
-      return snapshot_download(spec.source)
+      return snapshot_download(
+          spec.source, allow_patterns=list(spec.patterns) if spec.patterns else None)
     import torch.hub  # pylint: disable=g-import-not-at-top
     target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(spec.source))
     if not os.path.isfile(target):

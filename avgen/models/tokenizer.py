@@ -1,7 +1,11 @@
-"""Byte-level tokenizer for the demo's trainable text encoder (nothing to download).
+"""Tokenizers: captions -> (ids int32 [B, L], mask bool [B, L]) with L = data.caption_max_len.
 
-ids: 0 = padding, 1 = begin, 2 = end, 3 + b for each UTF-8 byte b. An empty caption is
-[begin, end], which is also the "no text" input of classifier-free guidance.
+`ByteTokenizer` goes with the demo's trainable `byte` encoder (nothing to download). ids: 0 =
+padding, 1 = begin, 2 = end, 3 + b for each UTF-8 byte b. A frozen pretrained encoder uses its
+own tokenizer (`avgen.pretrained.tokenizer.TextTokenizer`, same call signature);
+`build_tokenizer(config)` picks the one that goes with config.model.text_encoder. For both, the
+empty caption `tokenizer([""])` is the "no text" input of classifier-free guidance and of text
+dropout in training.
 """
 
 from __future__ import annotations
@@ -36,3 +40,19 @@ class ByteTokenizer:
   def decode(self, ids: np.ndarray) -> str:
     body = [int(i) - OFFSET for i in ids if int(i) >= OFFSET]
     return bytes(body).decode("utf-8", errors="replace")
+
+
+def build_tokenizer(config, *, cache_dir=None):
+  """The tokenizer of config.model.text_encoder: ByteTokenizer, or the frozen encoder's own.
+
+  A frozen encoder's tokenizer comes from model.text_tokenizer_source (default: the weights'
+  source) through transformers; it is picklable, so grain worker processes can use it.
+  """
+  max_len = int(config.data.caption_max_len)
+  if config.model.text_encoder == "byte":
+    return ByteTokenizer(max_len)
+  # pylint: disable=g-import-not-at-top  (transformers only when a pretrained encoder is used)
+  from avgen.models.text_encoder import frozen_sources
+  from avgen.pretrained.tokenizer import load_tokenizer
+  _, source = frozen_sources(config)
+  return load_tokenizer(source, max_len, cache_dir=cache_dir)

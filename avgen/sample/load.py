@@ -20,8 +20,13 @@ def load_config(checkpoint_dir: str, step: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(record["config"])
 
 
-def load_generator(workdir: str, *, step: int | None = None, use_ema: bool = True):
-  """Returns (config, Generator, params) from the latest (or given) checkpoint in `workdir`."""
+def load_generator(workdir: str, *, step: int | None = None, use_ema: bool = True,
+                   text_encoder=None):
+  """Returns (config, Generator, params) from the latest (or given) checkpoint in `workdir`.
+
+  A frozen text encoder is not in the checkpoint: the Generator loads it from the saved config's
+  model.text_encoder_source, unless `text_encoder` (a FrozenTextEncoder) is given.
+  """
   checkpoint_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(checkpoint_dir):
     raise FileNotFoundError(f"--workdir {workdir!r}: no checkpoints/ folder (train first with avgen.main)")
@@ -41,4 +46,4 @@ def load_generator(workdir: str, *, step: int | None = None, use_ema: bool = Tru
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   manager.close()
   params = restored.ema_params if use_ema else restored.params
-  return config, Generator(config, graphdef, rest), params
+  return config, Generator(config, graphdef, rest, text_encoder=text_encoder), params

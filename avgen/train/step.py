@@ -2,6 +2,12 @@
 
 L = diffusion * L_diffusion + align(step) * L_alignment + perceptual * L_perceptual
     + temporal * L_temporal
+
+With a frozen pretrained text encoder (config.model.text_encoder "clip_text" / "t5_encoder") its
+weights are a third argument of the jitted step, sharded over the mesh by their logical names
+like the model's, and its states are computed inside the step from the (possibly dropped)
+caption ids. They are not part of the TrainState: not trained, not in the optimizer, not in
+checkpoints.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax import nnx
@@ -27,22 +34,44 @@ TrainMetrics = clu_metrics.Collection.create(
     **{name: clu_metrics.Average.from_output(name) for name in METRIC_NAMES})
 
 
-def _drop_text(rng, ids, mask, drop_prob):
-  """Replaces captions by the empty caption [BOS, EOS] with probability drop_prob (for CFG)."""
+def _drop_text(rng, ids, mask, drop_prob, empty_ids, empty_mask):
+  """Replaces captions by the empty caption (empty_ids / empty_mask [L]) with probability
+  drop_prob, for classifier-free guidance."""
   drop = jax.random.bernoulli(rng, drop_prob, (ids.shape[0],))[:, None]
-  empty = jnp.zeros_like(ids).at[:, 0].set(tokenizer.BOS).at[:, 1].set(tokenizer.EOS)
-  return jnp.where(drop, empty, ids), jnp.where(drop, empty != tokenizer.PAD, mask)
+  return (jnp.where(drop, jnp.asarray(empty_ids, ids.dtype)[None], ids),
+          jnp.where(drop, jnp.asarray(empty_mask, mask.dtype)[None], mask))
 
 
-def compute_loss(model, batch, rng, step, config: ml_collections.ConfigDict):
-  """Returns (scalar loss, dict of scalar metrics) for one micro-batch."""
+def empty_caption(tokenizer_) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [L], mask [L]) of "" under `tokenizer_` (ByteTokenizer or a frozen encoder's)."""
+  ids, mask = tokenizer_([""])
+  return np.asarray(ids[0]), np.asarray(mask[0])
+
+
+def compute_loss(model, batch, rng, step, config: ml_collections.ConfigDict, *, text_encoder=None,
+                 text_params=None):
+  """Returns (scalar loss, dict of scalar metrics) for one micro-batch.
+
+  text_encoder / text_params: a frozen encoder (FrozenTextEncoder) and its weights, when
+  config.model.text_encoder is not "byte"; the model then gets its states.
+  """
   objective = objectives.build_objective(config.diffusion)
   df, lo = config.diffusion, config.loss
   k_text, k_t, k_nv, k_na = jax.random.split(rng, 4)
   x0_video = batch["video"].astype(jnp.float32)
   x0_audio = batch["audio"].astype(jnp.float32)
   b = x0_video.shape[0]
-  text_ids, text_mask = _drop_text(k_text, batch["text_ids"], batch["text_mask"], df.text_drop_prob)
+  if text_encoder is None:
+    empty = empty_caption(tokenizer.ByteTokenizer(config.data.caption_max_len))
+  else:
+    empty = empty_caption(text_encoder.tokenizer)
+  text_ids, text_mask = _drop_text(k_text, batch["text_ids"], batch["text_mask"],
+                                   df.text_drop_prob, *empty)
+  if text_encoder is None:
+    text = dict(text_ids=text_ids, text_mask=text_mask)
+  else:
+    text = dict(text_mask=text_mask,
+                text_states=text_encoder.apply(text_params, text_ids, text_mask))
 
   t_video, t_audio, video_mask, audio_mask = timesteps.sample_train_times(
       k_t, objective, b, share_t_prob=df.share_t_prob, audio_to_video_prob=df.audio_to_video_prob,
@@ -53,7 +82,7 @@ def compute_loss(model, batch, rng, step, config: ml_collections.ConfigDict):
   xt_video = objective.noisy(x0_video, noise_video, t_video)
   xt_audio = objective.noisy(x0_audio, noise_audio, t_audio)
 
-  out = model(xt_video, xt_audio, t_video, t_audio, text_ids, text_mask)
+  out = model(xt_video, xt_audio, t_video, t_audio, **text)
   video_out = out.video.astype(jnp.float32)
   audio_out = out.audio.astype(jnp.float32)
 
@@ -90,31 +119,63 @@ def compute_loss(model, batch, rng, step, config: ml_collections.ConfigDict):
   return loss, metrics
 
 
+def frozen_shardings(params, mesh, rules):
+  """Shardings of a frozen encoder's weights: by their logical names, like the model's."""
+  specs = nnx.get_partition_spec(params)
+  return sharding.tree_shardings(specs, mesh, rules, shapes=params)
+
+
+def place_frozen(params, shardings):
+  """Puts a frozen encoder's weights (loaded on each host) onto the mesh, once."""
+  if jax.process_count() == 1:
+    return jax.device_put(params, shardings)
+
+  def one(x, s):  # every host holds the same full copy; each contributes its devices' slices
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+  return jax.tree.map(one, params, shardings)
+
+
 def make_train_step(config, graphdef, rest, tx: optax.GradientTransformation, mesh, rules,
-                    state_shardings, batch_sharding):
-  """Builds the jitted step: (state, batch) -> (state, metrics). The state is donated."""
+                    state_shardings, batch_sharding, *, text_encoder=None):
+  """Builds the jitted step: (state, batch) -> (state, metrics). The state is donated.
+
+  text_encoder: the FrozenTextEncoder of a frozen config.model.text_encoder (None for "byte").
+  Its weights are moved onto the mesh here (text_encoder.params is replaced by the placed copy,
+  so the sampler shares it) and passed to the compiled step on every call as an argument.
+  """
+  if (text_encoder is None) != (config.model.text_encoder == "byte"):
+    raise ValueError(f"make_train_step: config.model.text_encoder={config.model.text_encoder!r} "
+                     f"{'needs' if text_encoder is None else 'takes no'} frozen text_encoder")
   accum = config.train.grad_accum
   schedule_fn = learning_rate_schedule(config.train)
+  text_shardings = None
+  if text_encoder is not None:
+    text_shardings = frozen_shardings(text_encoder.params, mesh, rules)
+    text_encoder.params = place_frozen(text_encoder.params, text_shardings)
 
-  def grads_of(params, micro, rng, step):
+  def grads_of(params, micro, rng, step, text_params):
     def loss_fn(p):
       model = nnx.merge(graphdef, p, rest)
-      return compute_loss(model, micro, rng, step, config)
+      return compute_loss(model, micro, rng, step, config, text_encoder=text_encoder,
+                          text_params=text_params)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, metrics
 
-  def step_fn(state: TrainState, batch):
+  def step_fn(state: TrainState, batch, text_params):
     rng = jax.random.wrap_key_data(state.rng)
     rng, step_rng = jax.random.split(rng)
     model_batch = {k: batch[k] for k in ("video", "audio", "text_ids", "text_mask")}
     if accum == 1:
-      grads, metrics = grads_of(state.params, model_batch, step_rng, state.step)
+      grads, metrics = grads_of(state.params, model_batch, step_rng, state.step, text_params)
     else:
       micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), model_batch)
 
       def body(carry, xs):
         g_sum, i = carry
-        g, m = grads_of(state.params, xs, jax.random.fold_in(step_rng, i), state.step)
+        g, m = grads_of(state.params, xs, jax.random.fold_in(step_rng, i), state.step,
+                        text_params)
         return (jax.tree.map(jnp.add, g_sum, g), i + 1), m
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -144,9 +205,24 @@ def make_train_step(config, graphdef, rest, tx: optax.GradientTransformation, me
                    skipped_records=jnp.sum(batch["skipped_records"]).astype(jnp.float32))
     return new_state, TrainMetrics.single_from_model_output(**metrics)
 
-  def traced(state, batch):
-    with sharding.use_rules(mesh, rules):
-      return step_fn(state, batch)
+  if text_encoder is None:
+    def traced(state, batch):
+      with sharding.use_rules(mesh, rules):
+        return step_fn(state, batch, None)
 
-  return jax.jit(traced, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+    return jax.jit(traced, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+  def traced_frozen(state, batch, text_params):
+    with sharding.use_rules(mesh, rules):
+      return step_fn(state, batch, text_params)
+
+  jitted = jax.jit(traced_frozen, in_shardings=(state_shardings, batch_sharding, text_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+  def train_step(state, batch):
+    # Read at each call: the weights stay an argument of one compiled program.
+    return jitted(state, batch, text_encoder.params)
+
+  train_step.jitted = jitted
+  return train_step

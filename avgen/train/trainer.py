@@ -1,7 +1,11 @@
 """The trainer: one plain loop for every stage.
 
 build mesh -> build (or restore) the sharded state -> loop {batch, step, metrics, checkpoint,
-sample} -> final checkpoint. Stages differ only by config.
+sample, evaluate} -> final checkpoint. Stages differ only by config.
+
+A frozen pretrained text encoder (config.model.text_encoder "clip_text" / "t5_encoder") is built
+once here, before any data is made, and shared by the train step and the sampler; its weights
+are never part of the train state or the checkpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from clu import parameter_overview
 from flax import nnx
 
 from avgen import config as config_lib
+from avgen.models import text_encoder as text_encoder_lib
 from avgen.parallel import mesh as mesh_lib
 from avgen.parallel import sharding
 from avgen.train import checkpoints, metrics as metrics_lib, state as state_lib, step as step_lib
@@ -44,12 +49,14 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if jax.process_index() == 0 and not os.path.exists(done):
     d = config.data
     _log.info("making %d synthetic clips in %s", d.synthetic_clips, out)
-    from avgen.models.autoencoders.mel import MelCodec
+    # The mel the loader computes (the vocoder's own analysis for bigvgan / hifigan), cached.
+    from avgen.models.autoencoders import build_mel_analysis
     synthetic.make_dataset(out, d.synthetic_clips, seed=config.train.seed, samples_per_shard=256,
                            num_frames=d.num_frames, height=d.height, width=d.width, fps=d.fps,
                            sample_rate=d.sample_rate, max_objects=d.synthetic_max_objects,
                            size_range=tuple(d.synthetic_size_range),
-                           speed_range=tuple(d.synthetic_speed_range), mel_codec=MelCodec.from_config(config))
+                           speed_range=tuple(d.synthetic_speed_range),
+                           mel_codec=build_mel_analysis(config))
     open(done, "w").close()
   while not os.path.exists(done):  # other hosts wait for process 0 (shared filesystem)
     time.sleep(1)
@@ -82,6 +89,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
   t = config.train
+  # Before any data is made or anything compiled: a wrong width or source fails in seconds.
+  text_encoder = (text_encoder_lib.build_frozen_text_encoder(config)
+                  if text_encoder_lib.is_frozen(config) else None)
+  eval_every = eval_interval(config)
+  # Every host checks the path (one failing alone would leave the others waiting); only
+  # process 0 evaluates, so only it loads the network.
+  lpips_model = _load_lpips(config, load=primary) if eval_every else None
 
   paths = resolve_data(config, workdir)
   mesh = mesh_lib.build_mesh(config)
@@ -103,7 +117,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     _log.info("resumed from %s/%d", ckpt.directory, latest)
 
   train_step = step_lib.make_train_step(config, graphdef, rest, tx, mesh, rules, shardings,
-                                        mesh_lib.batch_sharding(mesh))
+                                        mesh_lib.batch_sharding(mesh), text_encoder=text_encoder)
   writer = metrics_lib.Writer(workdir, enabled=primary)
   generator = None
   step = int(state.step)
@@ -126,7 +140,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
 
       boundary = (step % t.log_every == 0 or step == t.num_steps or step % t.checkpoint_every == 0
                   or preemption.requested or step == stop_at_step
-                  or (config.sample.every and step % config.sample.every == 0))
+                  or (config.sample.every and step % config.sample.every == 0)
+                  or (eval_every and step % eval_every == 0))
       if boundary:
         streak = _check_finite(*pending, streak, t.max_nonfinite)
         pending = None
@@ -145,9 +160,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
       stopping = preemption.requested or step == stop_at_step
       if step % t.checkpoint_every == 0 or last or stopping:
         _save(ckpt, step, state, data_iter, config)
-      if config.sample.every and (step % config.sample.every == 0 or last):
-        generator = generator or _make_generator(config, graphdef, rest)
-        write_samples(generator, state, config, workdir, step, writer)
+      want_samples = bool(config.sample.every) and (step % config.sample.every == 0 or last)
+      want_eval = bool(eval_every) and (step % eval_every == 0 or last)
+      if want_samples or want_eval:
+        generator = generator or _make_generator(config, graphdef, rest, text_encoder)
+        clips = sample_clips(generator, state, config)
+        if want_samples:
+          write_samples(generator, state, config, workdir, step, writer, clips=clips)
+        if want_eval:
+          evaluate_clips(clips, config, step, writer, lpips_model=lpips_model, primary=primary)
       if stopping:
         ckpt.wait()
         _log.warning("stopping at step %d before num_steps=%d", step, t.num_steps)
@@ -179,17 +200,24 @@ def _save(ckpt, step, state, data_iter, config):
   ckpt.save(step, state, data_iter, config, force=True)
 
 
-def _make_generator(config, graphdef, rest):
+def _make_generator(config, graphdef, rest, text_encoder=None):
   from avgen.sample.generate import Generator
-  return Generator(config, graphdef, rest)
+  return Generator(config, graphdef, rest, text_encoder=text_encoder)
 
 
-def write_samples(generator, state, config, workdir: str, step: int, writer) -> list[str]:
-  """Samples the config's prompts; writes samples/step_XXXXXX_i.mp4 (+ .wav) and TensorBoard media."""
-  from avgen.sample import visualize
+def sample_clips(generator, state, config) -> list:
+  """The config's prompts sampled from the EMA (or raw) parameters; every process takes part."""
   params = state.ema_params if config.sample.use_ema else state.params
+  return generator(params, list(config.sample.prompts), seed=config.train.seed)
+
+
+def write_samples(generator, state, config, workdir: str, step: int, writer, *,
+                  clips=None) -> list[str]:
+  """Samples the config's prompts (unless `clips` are given); writes samples/step_XXXXXX_i.mp4
+  (+ .wav) and TensorBoard media."""
+  from avgen.sample import visualize
   prompts = list(config.sample.prompts)
-  clips = generator(params, prompts, seed=config.train.seed)
+  clips = sample_clips(generator, state, config) if clips is None else clips
   if jax.process_index() != 0:
     return []
   out_dir = os.path.join(workdir, "samples")
@@ -209,3 +237,53 @@ def write_samples(generator, state, config, workdir: str, step: int, writer) -> 
   writer.text(step, "samples/prompts", "\n".join(f"{i}: {p}" for i, p in enumerate(prompts)))
   writer.flush()
   return written
+
+
+def eval_interval(config) -> int:
+  """config.eval.every, or 0 for configs written before the eval section existed."""
+  ev = config.get("eval")
+  return int(ev.every) if ev is not None else 0
+
+
+def _load_lpips(config, *, load: bool = True):
+  """The LPIPS model named by config.eval.lpips_weights, or None (pixel fallback, or not `load`:
+  then the path is only checked)."""
+  ev = config.eval
+  path = ev.get("lpips_weights", "")
+  if not path or "temporal" not in ev.metrics:
+    return None
+  if not os.path.isfile(path):
+    raise ValueError(f"config.eval.lpips_weights={path!r} is not a file (an LPIPS state dict, "
+                     "see docs/evaluation.md); give one or '' for the pixel fallback")
+  if not load:
+    return None
+  from avgen.metrics.nets import lpips  # pylint: disable=g-import-not-at-top
+  return lpips.load_lpips(path)
+
+
+def evaluate_clips(clips, config, step: int, writer, *, lpips_model=None,
+                   primary: bool | None = None) -> dict[str, float]:
+  """Scores sampled clips with config.eval.metrics and logs the scalars (process 0 only).
+
+  Returns what was logged. A failing metric is logged as an error and training goes on: the
+  evaluation watches the run and must not end it.
+  """
+  from avgen.metrics import in_training  # pylint: disable=g-import-not-at-top
+  if not (jax.process_index() == 0 if primary is None else primary):
+    return {}
+  d = config.data
+  try:
+    values = in_training.evaluate_samples(
+        [c.video for c in clips], [c.audio for c in clips],
+        {"fps": d.fps, "sample_rate": d.sample_rate}, metrics=tuple(config.eval.metrics),
+        lpips_model=lpips_model)
+  except Exception:  # pylint: disable=broad-except
+    _log.exception("step %d: in-training evaluation failed; training continues", step)
+    return {}
+  if not values:
+    _log.info("step %d: eval %s gave no defined value for these samples", step,
+              tuple(config.eval.metrics))
+  writer.scalars(step, values)
+  writer.flush()
+  print(f"eval step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items()), flush=True)
+  return values
