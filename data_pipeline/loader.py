@@ -3,10 +3,16 @@
 Order of operations (each host builds the same pipeline with its own `shard_index`):
 
   ArrayRecordDataSource(all shards) -> global shuffle (seed; reshuffled every epoch)
-  -> this host's slice [shard_index::shard_count] -> repeat(num_epochs)
+  -> repeat(num_epochs) -> this host's rows of each global batch (see below)
   -> decode + check against the config + encode latents + tokenize (reader threads)
   -> batch (dropping corrupt records, counting them; remainder dropped)
   -> prefetch (a thread, or `data.num_workers` processes)
+
+Global batch s is records [s*B, (s+1)*B) of the shuffled stream, in that order, whatever the
+number of hosts: host `shard_index` of `shard_count` reads its rows
+[s*B + shard_index*b, s*B + (shard_index+1)*b), b = B / shard_count. So a run restored onto
+another host count (or started at `start_batch`) sees the same batches in the same order
+(with num_workers=0 and no corrupt records, which shift a host's stream).
 
 A record that fails to decode (`schema.SchemaError`) is corrupt: it is skipped and counted in the
 `skipped_records` field of the next example, so `batch["skipped_records"].sum()` is the number of
@@ -196,6 +202,28 @@ class ExampleTransform:
   _check = check  # the name older callers use
 
 
+class _HostRows(grain.MapDataset):
+  """Host `slot`'s rows of each global batch: element i is parent[(i // b) * B + slot * b + i % b]."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, slot: int, slots: int):
+    super().__init__(parent)
+    self._global, self._slot = global_batch, slot
+    self._local = global_batch // slots
+    self._length = (len(parent) // global_batch) * self._local
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, row = divmod(index, self._local)
+    return self._parent[step * self._global + self._slot * self._local + row]
+
+  def __str__(self) -> str:
+    return f"HostRows(global_batch={self._global}, slot={self._slot}, rows={self._local})"
+
+
 class _BatchIterator(grain.DatasetIterator):
   """Batches examples, dropping corrupt-record markers and counting them into `skipped_records`.
 
@@ -260,12 +288,14 @@ def make_loader(
     shard_count: int = 1,
     seed: int | None = None,
     num_epochs: int | None = None,
+    start_batch: int = 0,
 ) -> grain.DatasetIterator:
   """A checkpointable iterator of this host's batches (see the module docstring).
 
   Each batch: `video` float32 [b, T, h, w, C], `audio` float32 [b, N, n_mels], `text_ids` int32
   [b, L], `text_mask` bool [b, L], `skipped_records` int32 [b], with b = data.batch_size /
-  shard_count. `seed` defaults to data.shuffle_seed; `num_epochs=None` repeats forever.
+  shard_count. `seed` defaults to data.shuffle_seed; `num_epochs=None` repeats forever;
+  `start_batch` skips that many global batches (a restore without a saved iterator state).
   """
   files = resolve_paths(paths)
   d = config.data
@@ -280,21 +310,29 @@ def make_loader(
   per_host_batch = d.batch_size // shard_count
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"make_loader: num_epochs must be None (forever) or >= 1, got {num_epochs}")
+  if not (isinstance(start_batch, int) and start_batch >= 0):
+    raise ValueError(f"make_loader: start_batch must be an int >= 0, got {start_batch!r}")
   seed = d.shuffle_seed if seed is None else seed
   transform = ExampleTransform(config)  # validates the latent config before any reading
 
   source = grain.sources.ArrayRecordDataSource(files)
   num_records = len(source)
-  if num_records < shard_count:
-    raise ValueError(
-        f"make_loader: {num_records} records in {len(files)} file(s) ({files[0]}, ...) cannot be "
-        f"split over shard_count={shard_count} hosts")
+  if num_records == 0:
+    raise ValueError(f"make_loader: the {len(files)} file(s) ({files[0]}, ...) hold no records")
   # Mix the seed so that seed s + 1 is not seed s shifted by one epoch (grain adds the epoch).
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-  ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
-  # Equal-length disjoint slices per epoch, so every host makes the same number of steps.
-  ds = ds[shard_index:num_records - num_records % shard_count:shard_count]
-  ds = ds.repeat(num_epochs).map(transform)
+  ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(num_epochs)
+  if shard_count > 1:
+    # Every host makes the same number of steps: the same global batches, its rows of each.
+    left = (num_records * num_epochs) % d.batch_size if num_epochs is not None else 0
+    if left:
+      logging.warning("loader: %d records x %d epoch(s) leave %d record(s) short of a last global "
+                      "batch of %d; no host reads them", num_records, num_epochs, left,
+                      d.batch_size)
+    ds = _HostRows(ds, d.batch_size, shard_index, shard_count)
+  if start_batch:
+    ds = ds[start_batch * per_host_batch:]
+  ds = ds.map(transform)
   read_options = grain.ReadOptions(
       num_threads=_READ_THREADS, prefetch_buffer_size=max(1, d.prefetch) * per_host_batch)
   it_ds = _BatchIterDataset(ds.to_iter_dataset(read_options), per_host_batch)

@@ -103,17 +103,36 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   tx = state_lib.build_optimizer(t)
   graphdef, rest, state, shardings = state_lib.create_sharded_state(config, tx, mesh, rules)
   if primary:
-    _log.info("mesh %s\n%s", dict(mesh.shape),
-              parameter_overview.get_parameter_overview(nnx.to_pure_dict(state.params)))
+    # Means and stds need every value on this host; parameters sharded across hosts (fsdp over
+    # hosts) are not, so multi-host runs list shapes and shardings instead.
+    stats = True if jax.process_count() == 1 else "sharding"
+    _log.info("mesh %s\n%s", dict(mesh.shape), parameter_overview.get_parameter_overview(
+        nnx.to_pure_dict(state.params), include_stats=stats))
 
-  data_iter = loader_lib.make_loader(config, paths, shard_index=jax.process_index(),
-                                     shard_count=jax.process_count(), seed=config.data.shuffle_seed)
-  ckpt = checkpoints.Checkpointer(workdir, keep=t.keep_checkpoints)
+  # Hosts that hold the same batch rows (tensor/context axes across hosts) read the same data.
+  slot, slots = mesh_lib.process_batch_slot(mesh)
+
+  def make_loader(start_batch=0):
+    return loader_lib.make_loader(config, paths, shard_index=slot, shard_count=slots,
+                                  seed=config.data.shuffle_seed, start_batch=start_batch)
+
+  data_iter = make_loader()
+  ckpt = checkpoints.Checkpointer(workdir, keep=t.keep_checkpoints, data_slots=slots)
   latest = ckpt.latest_step()
   if latest is not None:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     del state
-    state = ckpt.restore(latest, abstract, data_iter, config)
+    if ckpt.has_data_state(latest):
+      state = ckpt.restore(latest, abstract, data_iter, config)
+    else:
+      # Another host count wrote it: one batch per step, and the batch order does not depend on
+      # the host count, so the step says where the data stream stands.
+      _log.warning("%s/%d holds no data state for %d process(es) reading %d share(s) of each "
+                   "batch; the data restarts at global batch %d", ckpt.directory, latest,
+                   jax.process_count(), slots, latest)
+      data_iter.close()
+      data_iter = make_loader(start_batch=latest)
+      state = ckpt.restore(latest, abstract, None, config)
     _log.info("resumed from %s/%d", ckpt.directory, latest)
 
   train_step = step_lib.make_train_step(config, graphdef, rest, tx, mesh, rules, shardings,
