@@ -140,7 +140,7 @@ class AVDiT(nnx.Module):
     self.rope_theta = m.rope_theta
     self.remat_policy_name = m.remat
     _remat_policy(m.remat)
-    self.attention_window = float(m.attention_window)
+    self.attention_window = float(m.get("attention_window", 0.0))  # absent in older checkpoints
     if self.attention_window < 0:
       raise ValueError(f"model.attention_window={m.attention_window} must be >= 0 (frames; 0: none)")
     # Scalars only: a module's static attributes should stay small and hashable.
@@ -160,7 +160,7 @@ class AVDiT(nnx.Module):
                       shared_weights=m.shared_weights, qk_norm=m.qk_norm, impl=m.attention_impl,
                       rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    self.scan_layers = bool(m.scan_layers)
+    self.scan_layers = bool(m.get("scan_layers", False))
     if self.scan_layers:
       # One block's graph with every parameter stacked on a leading `layers` axis: XLA compiles
       # the block once (a loop) instead of depth copies.

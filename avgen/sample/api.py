@@ -1,58 +1,68 @@
-"""A small Python API over a training workdir (the full pipeline API comes with issue 9)."""
+"""One-call generation from a training workdir (or hub id), over `AudioVideoGenerationPipeline`.
+
+The pipeline of the last checkpoint used is kept, so repeated calls on one workdir load the
+weights and compile each program once.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import os
 
 from avgen.sample.generate import Clip
-from avgen.sample.load import load_generator
+
+_cached: dict[tuple, object] = {}
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest finished checkpoint step, so a cached pipeline is dropped when a newer lands."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  steps = ocp.utils.checkpoint_steps(directory)
+  return max(steps) if steps else None
+
+
+def load_pipeline(workdir: str, *, step: int | None = None, dtype=None, **options):
+  """The pipeline for `workdir` (reused while the same checkpoint and dtype are asked for).
+
+  `options` go to `from_pretrained` when the pipeline is created; a cached one is returned as
+  it is.
+  """
+  from avgen.sample import pipeline  # pylint: disable=g-import-not-at-top
+  local = pipeline.resolve_checkpoint(workdir)
+  key = (local, step, latest_step(local), None if dtype is None else str(dtype))
+  if key not in _cached:
+    _cached.clear()  # one model in memory at a time
+    _cached[key] = pipeline.AudioVideoGenerationPipeline.from_pretrained(local, step=step,
+                                                                        dtype=dtype, **options)
+  return _cached[key]
 
 
 def generate_from_workdir(workdir: str, prompt: str, *, mode: str = "text_to_audio_video",
                           audio_path: str | None = None, video_path: str | None = None,
                           negative_prompt: str | None = None, num_steps: int | None = None,
-                          sampler: str | None = None, guidance: float | None = None, seed: int = 0,
-                          step: int | None = None) -> Clip:
-  """Generates one clip. audio_to_video keeps the given sound; video_to_audio keeps the frames."""
-  from avgen.sample import media
-  if mode == "audio_to_video" and not audio_path:
-    raise ValueError("mode='audio_to_video' needs audio_path")
-  if mode == "video_to_audio" and not video_path:
-    raise ValueError("mode='video_to_audio' needs video_path")
-  config, generator, params = load_generator(workdir, step=step)
-  d = config.data
-  video_cond = audio_cond = None
-  kept_audio = kept_video = None
-  if mode == "audio_to_video":
-    kept_audio = _fit_audio(media.read_audio(audio_path, sample_rate=d.sample_rate),
-                            round(d.audio_seconds * d.sample_rate))
-    audio_cond = generator.audio_codec.encode(kept_audio)[None]
-  elif mode == "video_to_audio":
-    frames, _ = media.read_video(video_path, fps=d.fps, size=(d.height, d.width))
-    kept_video = _fit_frames(frames, d.num_frames)
-    video_cond = generator.video_codec.encode(kept_video)[None]
-  clips = generator(params, [prompt], seed=seed, negative_prompt=negative_prompt, num_steps=num_steps,
-                    sampler=sampler, guidance_video=guidance, guidance_audio=guidance,
-                    video_cond=video_cond, audio_cond=audio_cond)
-  clip = clips[0]
-  # The conditioning input is returned as given, not as its decoded latent.
-  if kept_audio is not None:
-    clip.audio = kept_audio
-  if kept_video is not None:
-    clip.video = kept_video
-  return clip
+                          sampler: str | None = None, guidance: float | None = None,
+                          guidance_video: float | None = None,
+                          guidance_audio: float | None = None, strength: float | None = None,
+                          seed: int = 0, step: int | None = None, dtype=None) -> Clip:
+  """Generates one clip. audio_to_video keeps the given sound; video_to_audio keeps the frames.
 
-
-def _fit_audio(audio: np.ndarray, length: int) -> np.ndarray:
-  """Crops to the clip length or pads with silence (documented behaviour for mismatched input)."""
-  out = np.zeros(length, np.float32)
-  out[: min(length, len(audio))] = audio[:length]
-  return out
-
-
-def _fit_frames(frames: np.ndarray, count: int) -> np.ndarray:
-  """First `count` frames; a short video repeats its last frame."""
-  if len(frames) == 0:
-    raise ValueError("the video has no frames")
-  idx = np.minimum(np.arange(count), len(frames) - 1)
-  return frames[idx]
+  Inputs are passed only to the modes that take them (a mode ignores the other path), so one
+  call site can hand both paths to every mode.
+  """
+  from avgen.sample import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  if mode not in pipeline_lib.MODES:
+    raise ValueError(f"mode: must be one of {pipeline_lib.MODES}, got {mode!r}")
+  takes_audio = mode in ("audio_to_video", "edit")
+  takes_video = mode in ("video_to_audio", "edit")
+  if takes_audio and not audio_path:
+    raise ValueError(f"mode={mode!r} needs audio_path")
+  if takes_video and not video_path:
+    raise ValueError(f"mode={mode!r} needs video_path")
+  pipe = load_pipeline(workdir, step=step, dtype=dtype)
+  return pipe(prompt, mode=mode, audio_path=audio_path if takes_audio else None,
+              video_path=video_path if takes_video else None, negative_prompt=negative_prompt,
+              num_inference_steps=num_steps, sampler=sampler, guidance_scale=guidance,
+              guidance_scale_video=guidance_video, guidance_scale_audio=guidance_audio,
+              strength=strength, seed=seed)
