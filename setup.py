@@ -18,6 +18,7 @@ EXTRAS = {
 # (torch itself is installed by .ci/run: a CPU build, not the CUDA wheel pip would pick).
 EXTRAS["test"] = sorted({
     "pytest>=8.0", "pytest-xdist>=3.5", "diffusers>=0.30", "nbclient>=0.10", "ipykernel>=6.0",
+    "nbformat>=5.9", "pyyaml>=6.0",
     *EXTRAS["pretrained"], *EXTRAS["beam"], *EXTRAS["tfds"], *EXTRAS["eval"]})
 
 setup(
@@ -49,12 +50,14 @@ setup(
         "absl-py>=2.0",
         "tqdm>=4.66",
         "scenedetect-headless>=0.7.2,<0.8",  # scene-cut filter of the ingestion pipeline
+        "flatbuffers>=24.0",  # jax.export serialization (exported inference)
     ],
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
             "avgen-train=avgen.main:run",
             "avgen-sample=avgen.sample.__main__:run",
+            "avgen-batch=avgen.sample.batch:run",
             "avgen-synthetic=data_pipeline.synthetic:run",
         ],
     },
