@@ -22,6 +22,7 @@ VOCODERS = ("griffin_lim", "bigvgan", "hifigan")
 REMAT = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "context", "tensor")
+CONTEXT_PARALLEL = ("ring", "all_to_all")  # avgen.parallel.context_parallel.STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -109,6 +110,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   head_dim = mo.width // mo.num_heads
   _require(head_dim % 8 == 0,
            f"config.model.width / num_heads = {head_dim} must be a multiple of 8 (3D RoPE sections)")
+  context_parallel = mo.get("context_parallel", "ring")  # absent in configs saved before it
+  _require(context_parallel in CONTEXT_PARALLEL,
+           f"config.model.context_parallel={context_parallel!r} not in {CONTEXT_PARALLEL}")
   _require(mo.attention_impl in IMPLS, f"config.model.attention_impl={mo.attention_impl!r}: unknown "
            f"attention impl; known: {IMPLS}")
   _require(mo.text_encoder in TEXT_ENCODERS,
@@ -180,3 +184,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _require(micro % batch_shards == 0,
              f"config.data.batch_size={d.batch_size} / train.grad_accum={t.grad_accum} = {micro} must be "
              f"divisible by mesh data*fsdp = {batch_shards}")
+    if sizes["context"] > 1 and mo.get("context_parallel", "ring") == "all_to_all":
+      tensor = sizes["tensor"] if mo.num_heads % sizes["tensor"] == 0 else 1
+      _require((mo.num_heads // tensor) % sizes["context"] == 0,
+               f"config.model.context_parallel='all_to_all' splits the {mo.num_heads // tensor} heads "
+               f"per device over mesh.context={sizes['context']}, which must divide them; use 'ring'")

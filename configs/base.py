@@ -108,6 +108,7 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Joint self-attention sees only tokens within +-this many frames on the shared time axis
   # (0: everything). A block mask, so the pallas kernels skip the tiles outside it.
   mo.attention_window = 0.0
+  mo.context_parallel = "ring"  # ring | all_to_all: joint self-attention when mesh.context > 1
   mo.dtype = "float32" if demo else "bfloat16"  # compute dtype
   mo.param_dtype = "float32"
   mo.remat = "none" if demo else "dots"  # none | full | dots

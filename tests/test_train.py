@@ -177,3 +177,21 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   assert proc.returncode == 0, "".join(seen[-20:]) + out
   step = checkpoints.Checkpointer(str(tmp_path / "run"), keep=3).latest_step()
   assert step is not None and 3 <= step < 100000
+
+
+@pytest.mark.parametrize("strategy", ["ring", "all_to_all"])
+def test_context_parallel_training_agrees_with_one_device(tmp_path, strategy):
+  """The joint self-attention split over mesh.context (with a temporal window) trains like one
+  device: same losses for 2 steps."""
+  config = train_utils.tiny_config(model__attention_window=1.0, model__context_parallel=strategy)
+  batch = _first_batch(config, tmp_path)
+  results = []
+  for devices, (data, context) in ((jax.devices()[:1], (1, 1)), (jax.devices()[:4], (2, 2))):
+    config.mesh.data, config.mesh.fsdp, config.mesh.context, config.mesh.tensor = data, 1, context, 1
+    mesh, state, step = _state_and_step(config, devices)
+    losses = []
+    for _ in range(2):
+      state, m = step(state, mesh_lib.global_batch(batch, mesh))
+      losses.append(float(m.compute()["loss"]))
+    results.append(losses)
+  np.testing.assert_allclose(results[0], results[1], rtol=1e-5)

@@ -27,6 +27,7 @@ from avgen.models.embeddings import AudioPatchEmbed, ModalityEmbedding, Timestep
 from avgen.models.heads import AudioHead, VideoHead
 from avgen.models.layers import ACT, MLP, AdaLN, Attention, Dense, LayerNorm, modulate
 from avgen.models.temporal_alignment import TemporalAlignment
+from avgen.parallel import context_parallel as cp_lib
 from avgen.parallel.sharding import constrain
 
 REMAT = ("none", "full", "dots")
@@ -44,10 +45,11 @@ class DiTBlock(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, mlp_ratio: float, text_width: int, num_video: int,
                *, rngs: nnx.Rngs, shared_weights: bool = True, qk_norm: bool = True, impl: str = "auto",
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               context_parallel: str = "ring", dtype=jnp.float32, param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     copies = 1 if shared_weights else 2
     self.num_video = num_video
+    self.context_parallel = context_parallel
     self.adaln_v = AdaLN(width, width, 6, **kw)
     self.adaln_a = AdaLN(width, width, 6, **kw)
     self.norm1 = LayerNorm(width, affine=False)
@@ -77,7 +79,8 @@ class DiTBlock(nnx.Module):
     parts = [attn.qkv(p) for attn, p in zip(self.attn, self._split(h))]
     q, k, v = (jnp.concatenate(t, 1) for t in zip(*parts))
     q, k = rope_lib.apply_rope(q, *rope), rope_lib.apply_rope(k, *rope)
-    o = self.attn[0].attend(q, k, v, mask=mask)
+    # Over the whole joint sequence: split over the mesh's context axis when it has one.
+    o = cp_lib.attention(q, k, v, mask=mask, strategy=self.context_parallel, impl=self.attn[0].impl)
     return jnp.concatenate([attn.output(p) for attn, p in zip(self.attn, self._split(o))], 1)
 
   def __call__(self, x, c_video, c_audio, text, text_lengths, rope, mask=None) -> jax.Array:
@@ -158,7 +161,8 @@ class AVDiT(nnx.Module):
     def make_block(rngs):
       return DiTBlock(m.width, m.num_heads, m.mlp_ratio, m.text_width, self.num_video,
                       shared_weights=m.shared_weights, qk_norm=m.qk_norm, impl=m.attention_impl,
-                      rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                      context_parallel=m.get("context_parallel", "ring"), rngs=rngs, dtype=dtype,
+                      param_dtype=param_dtype)
 
     self.scan_layers = bool(m.get("scan_layers", False))
     if self.scan_layers:
