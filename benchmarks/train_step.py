@@ -1,0 +1,181 @@
+"""Times avgen's real train step (full model: text encoder, DiT, alignment, heads, AdamW, EMA).
+
+  python benchmarks/train_step.py --config=configs/stage2.py:2B [--config.x=y ...] \
+      [--devices=N] [--steps=10] [--profile] [--tag=NAME]
+
+The batch is synthetic and lives on the device, so the numbers are the step's alone. Prints and
+writes ($OUT/train_step_TAG.json):
+  compile_s          lowering + XLA compilation of the step
+  step_s             median seconds per step after warm-up
+  peak_gib           peak device memory (largest over the devices used)
+  peer_tflops        model TFLOP/s per device by the peer script's formula (its token linears,
+                     self- and cross-attention; ../shared/bench/torch_dit_peer.py) at our shapes
+  xla_tflops         TFLOP/s per device by XLA's cost analysis of the compiled step: every op the
+                     program runs, heads, remat recomputation and the optimizer included
+With --profile, three steps are traced and the GPU kernels are summed by kind (attention, matmul,
+collective, other fusions) and by name (top 15) into the same JSON.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, ".")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import synthetic_batch  # pylint: disable=wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/stage2.py:demo", "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after warm-up.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Use the first N devices (0: all).")
+_PROFILE = flags.DEFINE_bool("profile", False, "Trace 3 steps; summarize kernels by kind.")
+_TAG = flags.DEFINE_string("tag", "", "Suffix of the JSON file name.")
+
+
+def peer_flops(config, num_video: int, num_audio: int) -> float:
+  """FLOPs of one step by ../shared/bench/torch_dit_peer.py's formula at our shapes.
+
+  Per DiT block and token: qkv, out, cross q, cross out and the MLP (14 D^2 multiply-adds);
+  self-attention 4 S^2 D; cross-attention 4 S T D and its key/value projection of the text;
+  backward = 2x forward. The heads, the text encoder and the alignment module are not counted.
+  """
+  m = config.model
+  d, depth = m.width, m.depth
+  s, t, dt = num_video + num_audio, config.data.caption_max_len, m.text_width
+  per_token = 14 * d * d
+  forward = depth * (2 * per_token * s + 4 * s * s * d + 4 * s * t * d + 2 * t * dt * 2 * d)
+  return 3.0 * forward * config.data.batch_size
+
+
+def kernel_summary(trace_dir: str) -> dict:
+  """Sums device kernel time of a jax.profiler trace by kind and by name."""
+  paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+  if not paths:
+    return {"error": f"no perfetto trace under {trace_dir}"}
+  with gzip.open(paths[0]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  # Device streams are the processes whose name mentions the GPU; host threads are not kernels.
+  device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                 and "/device:" in str(e.get("args", {}).get("name", ""))}
+  by_name = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e:
+      by_name[e["name"]] += e["dur"]
+  kinds = collections.Counter()
+  for name, us in by_name.items():
+    kinds[_kernel_kind(name)] += us
+  total = sum(by_name.values()) or 1
+  return {
+      "device_ms_per_step": total / 3 / 1e3,
+      "by_kind_pct": {k: round(100 * v / total, 1) for k, v in kinds.most_common()},
+      "top": [(n[:90], round(us / 3 / 1e3, 2)) for n, us in by_name.most_common(15)],
+  }
+
+
+def _kernel_kind(name: str) -> str:
+  n = name.lower()
+  if any(k in n for k in ("nccl", "all-gather", "all_gather", "reduce-scatter", "reduce_scatter",
+                          "all-reduce", "allreduce", "collective", "ppermute", "all-to-all")):
+    return "collective"
+  if any(k in n for k in ("fmha", "flash", "cudnn", "attention", "mosaic", "sdpa")):
+    return "attention"
+  if any(k in n for k in ("gemm", "cutlass", "nvjet", "matmul", "dot", "xmma", "cublas", "wgmma")):
+    return "matmul"
+  if "memcpy" in n or "memset" in n:
+    return "copy"
+  return "other (fusions, elementwise, reductions)"
+
+
+def main(argv):
+  del argv
+  from avgen import config as config_lib
+  from avgen.parallel import mesh as mesh_lib
+  from avgen.train import state as state_lib, step as step_lib
+
+  config = _CONFIG.value
+  devices = jax.devices()[:_DEVICES.value] if _DEVICES.value else jax.devices()
+  config_lib.validate(config, len(devices))
+  shapes = config_lib.latent_shapes(config)
+  mesh = mesh_lib.build_mesh(config, devices)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  tx = state_lib.build_optimizer(config.train)
+  graphdef, rest, state, shardings = state_lib.create_sharded_state(config, tx, mesh, rules)
+  train_step = step_lib.make_train_step(config, graphdef, rest, tx, mesh, rules, shardings,
+                                        mesh_lib.batch_sharding(mesh))
+  batch = jax.device_put(synthetic_batch(config, shapes), mesh_lib.batch_sharding(mesh))
+  jitted = getattr(train_step, "jitted", train_step)
+  args = (state, batch) if jitted is train_step else (state, batch, None)
+
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float((cost or {}).get("flops", 0.0))
+  if jitted is not train_step:  # a frozen text encoder: its weights are the third argument
+    run = lambda s: train_step(s, batch)
+  else:
+    run = lambda s: compiled(s, batch)
+
+  for _ in range(max(_WARMUP.value, 1)):
+    state, metrics = run(state)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(_STEPS.value):
+    t0 = time.perf_counter()
+    state, metrics = run(state)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times))
+  loss = float(metrics.compute()["loss"])
+
+  profile = None
+  if _PROFILE.value:
+    trace_dir = tempfile.mkdtemp(prefix="avgen_trace_")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(3):
+      state, metrics = run(state)
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    profile = kernel_summary(trace_dir)
+
+  peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices)
+  n = len(devices)
+  num_video = int(np.prod([s // p for s, p in zip(shapes["video"][:3], config.model.video_patch)]))
+  num_audio = shapes["audio"][0] // config.model.audio_patch
+  result = dict(
+      tag=_TAG.value, device=devices[0].device_kind, num_devices=n, mesh=dict(mesh.shape),
+      size=config.size, width=config.model.width, depth=config.model.depth,
+      batch=config.data.batch_size, video_tokens=num_video, audio_tokens=num_audio,
+      text_tokens=config.data.caption_max_len, attention=config.model.attention_impl,
+      remat=config.model.remat, scan_layers=bool(config.model.get("scan_layers", False)),
+      dtype=config.model.dtype, compile_s=round(compile_s, 1), step_s=round(step_s, 4),
+      steps_timed=len(times), peak_gib=round(peak / 2**30, 2),
+      peer_tflops=round(peer_flops(config, num_video, num_audio) / step_s / n / 1e12, 1),
+      xla_tflops=round(xla_flops / step_s / 1e12, 1),  # cost analysis is per device program
+      loss=loss, jax=jax.__version__, profile=profile,
+      params_m=round(sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, 1))
+  print("RESULT " + json.dumps(result), flush=True)
+  out_dir = os.environ.get("OUT")
+  if out_dir:
+    name = f"train_step_{_TAG.value}.json" if _TAG.value else "train_step.json"
+    with open(os.path.join(out_dir, name), "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
