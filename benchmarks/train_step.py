@@ -43,6 +43,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Use the first N devices (0: all).")
 _PROFILE = flags.DEFINE_bool("profile", False, "Trace 3 steps; summarize kernels by kind.")
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the JSON file name.")
+_PARAMS_OVER_CONTEXT = flags.DEFINE_bool(
+    "params_over_context", False,
+    "Shard parameters and optimizer state over the context axis too (ZeRO over fsdp x context).")
 
 
 def peer_flops(config, num_video: int, num_audio: int) -> float:
@@ -111,6 +114,9 @@ def main(argv):
   config_lib.validate(config, len(devices))
   shapes = config_lib.latent_shapes(config)
   mesh = mesh_lib.build_mesh(config, devices)
+  if _PARAMS_OVER_CONTEXT.value:
+    config.mesh.rules = tuple((n, ("fsdp", "context")) if n == "embed" else (n, a)
+                              for n, a in config.mesh.rules)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   tx = state_lib.build_optimizer(config.train)
   graphdef, rest, state, shardings = state_lib.create_sharded_state(config, tx, mesh, rules)

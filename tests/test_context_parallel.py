@@ -124,6 +124,29 @@ def test_model_entry_uses_the_active_mesh():
     np.testing.assert_allclose(compiled(q, k, v), expected, atol=2e-6)
 
 
+def test_query_split_attention_keeps_queries_on_their_devices():
+  # Cross-attention to 7 text tokens from 30 queries split over context=4 (padded to 32), with
+  # key padding: each device attends with its own queries; no query block is gathered.
+  q = _qkv(2, 30, 4, 8, seed=5)[0]
+  k, v = _qkv(2, 7, 4, 8, seed=6)[1:]
+  lengths = jnp.array([5, 7])
+  rules = (("batch", ("data", "fsdp")), ("length", "context"), ("act_heads", "tensor"))
+  mesh = _mesh(1, 1, 4, 2)
+
+  def ours(q, k, v):
+    with sharding.use_rules(mesh, rules):
+      return cp.query_split_attention(q, k, v, kv_lengths=lengths, impl="xla")
+
+  got = _values_and_grads(ours, q, k, v)
+  ref = _values_and_grads(lambda q, k, v: xla_attention(q, k, v, kv_lengths=lengths), q, k, v)
+  for a, b in zip((got[0],) + tuple(got[1]), (ref[0],) + tuple(ref[1])):
+    np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
+  spec = NamedSharding(mesh, P(None, "context", "tensor", None))
+  hlo = jax.jit(ours).lower(jax.device_put(jnp.pad(q, [(0, 0), (0, 2), (0, 0), (0, 0)]), spec),
+                            k, v).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+
 def test_bad_inputs_are_named():
   q, k, v = _qkv(2, 32, 2, 8)
   mesh = _mesh(1, 1, 4, 1)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from avgen.kernels import attention
 from avgen.models import rope as rope_lib
+from avgen.parallel import context_parallel
 from avgen.parallel.sharding import constrain
 
 Shape = int | Sequence[int]
@@ -138,6 +139,8 @@ class Attention(nnx.Module):
     return constrain(q, ACT_HEADS), constrain(k, ACT_HEADS), constrain(v, ACT_HEADS)
 
   def attend(self, q, k, v, *, kv_lengths=None, mask=None) -> jax.Array:
+    if mask is None:  # queries may be split over the mesh's context axis; keys stay whole
+      return context_parallel.query_split_attention(q, k, v, kv_lengths=kv_lengths, impl=self.impl)
     return attention(q, k, v, kv_lengths=kv_lengths, mask=mask, impl=self.impl)
 
   def output(self, o: jax.Array) -> jax.Array:

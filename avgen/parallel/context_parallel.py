@@ -59,6 +59,36 @@ def attention(q, k, v, *, kv_lengths=None, mask: masks_lib.BlockMask | None = No
       batch_axes=table.get("batch"), head_axes=table.get("act_heads"))
 
 
+def query_split_attention(q, k, v, *, kv_lengths=None, impl: str = "auto"):
+  """Attention whose queries may be split over `context` but whose keys are short and whole
+  (cross-attention to the text, the audio head, the alignment module).
+
+  Each device keeps its query block, sees all keys, and runs `avgen.kernels.attention` on its
+  own shard inside `shard_map`: cuDNN's partitioner refuses a sequence axis split over the mesh,
+  and no keys need to travel. Outside `sharding.use_rules` or with context=1 this is
+  `avgen.kernels.attention`.
+  """
+  active = getattr(sharding._context, "value", None)  # pylint: disable=protected-access
+  if active is None or active[0].shape.get("context", 1) == 1:
+    return kernels.attention(q, k, v, kv_lengths=kv_lengths, impl=impl)
+  mesh, rules = active
+  table = dict(rules)
+  n = mesh.shape["context"]
+  b, lq, h, _ = q.shape
+  batch_spec = _fitting(table.get("batch"), b, mesh, exclude="context")
+  head_spec = _fitting(table.get("act_heads"), h, mesh, exclude="context")
+  q = _pad_seq(q, -lq % n)
+  split, whole = P(batch_spec, "context", head_spec, None), P(batch_spec, None, head_spec, None)
+  if kv_lengths is None:
+    body = lambda q, k, v: kernels.attention(q, k, v, impl=impl)
+    specs, args = (split, whole, whole), (q, k, v)
+  else:
+    body = lambda q, k, v, lengths: kernels.attention(q, k, v, kv_lengths=lengths, impl=impl)
+    specs, args = (split, whole, whole, P(batch_spec)), (q, k, v, kv_lengths)
+  out = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=split, check_vma=False)(*args)
+  return out[:, :lq]
+
+
 def context_parallel_attention(q, k, v, *, mesh: Mesh, strategy: str = "ring", kv_lengths=None,
                                mask: masks_lib.BlockMask | None = None, impl: str = "auto",
                                axis: str = "context",
