@@ -19,9 +19,19 @@ SAMPLERS = {obj: tuple(s for s, o in _SAMPLER_OBJECTIVE.items() if o == obj)
 TEXT_ENCODERS = ("byte", "clip_text", "t5_encoder")
 VIDEO_LATENTS = ("pixels", "sd_vae")
 VOCODERS = ("griffin_lim", "bigvgan", "hifigan")
-REMAT = ("none", "full", "dots")
+VOCODER_MELS = ("bridge", "native")  # how a pretrained vocoder reads the latent mel
+# model.remat: what the DiT blocks keep for the backward pass (avgen.models.dit maps each name to
+# a jax.checkpoint policy). "none": no remat; "full" / "nothing_saveable": keep only block inputs;
+# "dots": matmul outputs without batch dims (weights-only matmuls); "dots_saveable": every matmul;
+# "everything_saveable": all (remat in name only); "save_attention_out": the self-attention
+# result; "offload_dots": like "dots" but parked in pinned host memory until the backward pass.
+REMAT = ("none", "full", "nothing_saveable", "dots", "dots_saveable", "everything_saveable",
+         "save_attention_out", "offload_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "context", "tensor")
+# config.mesh.dcn_<axis>: how many slices (TPU multislice) or hosts (GPU nodes) the axis spans;
+# the axis is then mesh.<axis> devices per slice times this many slices.
+DCN_AXES = tuple(f"dcn_{a}" for a in MESH_AXES)
 CONTEXT_PARALLEL = ("ring", "all_to_all")  # avgen.parallel.context_parallel.STRATEGIES
 
 
@@ -45,22 +55,52 @@ def latent_shapes(c: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
   }
 
 
-def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  """Mesh axis sizes with a single -1 filled from the device count."""
+def dcn_shape(c: ml_collections.ConfigDict) -> dict[str, int]:
+  """Across-slice (DCN) factor of each mesh axis; 1 where a config has none (older configs)."""
+  sizes = {}
+  for a in MESH_AXES:
+    s = c.mesh.get(f"dcn_{a}", 1)
+    _require(isinstance(s, int) and not isinstance(s, bool) and s >= 1,
+             f"config.mesh.dcn_{a}={s!r} must be an int >= 1 (slices or hosts the axis spans)")
+    sizes[a] = s
+  return sizes
+
+
+def ici_shape(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Per-slice (ICI) axis sizes: config.mesh.<axis>, a single -1 filled from the devices."""
+  dcn = dcn_shape(c)
+  slices = math.prod(dcn.values())
   sizes = {a: int(c.mesh[a]) for a in MESH_AXES}
   unknown = [a for a, s in sizes.items() if s == -1]
   _require(len(unknown) <= 1, f"config.mesh: at most one axis may be -1, got {unknown}")
   for a, s in sizes.items():
     _require(s == -1 or s >= 1, f"config.mesh.{a}={s} must be >= 1 or -1")
+  dcn_note = "" if slices == 1 else f" (per slice: {num_devices} devices / {slices} DCN slices)"
+  _require(num_devices % slices == 0,
+           f"config.mesh.dcn_*: {num_devices} devices do not split into "
+           f"{' * '.join(str(dcn[a]) for a in MESH_AXES)} = {slices} equal slices")
+  per_slice = num_devices // slices
   known = math.prod(s for s in sizes.values() if s != -1)
   if unknown:
-    _require(num_devices % known == 0,
-             f"config.mesh: {num_devices} devices are not divisible by the fixed axes' product {known}")
-    sizes[unknown[0]] = num_devices // known
-  _require(math.prod(sizes.values()) == num_devices,
-           f"config.mesh: sizes {sizes} multiply to {math.prod(sizes.values())}, "
-           f"but there are {num_devices} devices")
+    _require(per_slice % known == 0,
+             f"config.mesh: {per_slice} devices{dcn_note} are not divisible by the fixed axes' "
+             f"product {known}")
+    sizes[unknown[0]] = per_slice // known
+  if slices == 1:
+    _require(math.prod(sizes.values()) == num_devices,
+             f"config.mesh: sizes {sizes} multiply to {math.prod(sizes.values())}, "
+             f"but there are {num_devices} devices")
+  else:
+    _require(math.prod(sizes.values()) * slices == num_devices,
+             f"config.mesh: per-slice sizes {sizes} (product {math.prod(sizes.values())}) times "
+             f"DCN sizes {dcn} (product {slices}) must equal the {num_devices} devices")
   return sizes
+
+
+def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Whole mesh axis sizes: per-slice size times DCN factor (a single -1 filled)."""
+  ici, dcn = ici_shape(c, num_devices), dcn_shape(c)
+  return {a: ici[a] * dcn[a] for a in MESH_AXES}
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -86,6 +126,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   # latent spaces
   _require(c.latent.video in VIDEO_LATENTS, f"config.latent.video={c.latent.video!r} not in {VIDEO_LATENTS}")
   _require(c.latent.vocoder in VOCODERS, f"config.latent.vocoder={c.latent.vocoder!r} not in {VOCODERS}")
+  vocoder_mel = c.latent.get("vocoder_mel", "native")
+  _require(vocoder_mel in VOCODER_MELS,
+           f"config.latent.vocoder_mel={vocoder_mel!r} not in {VOCODER_MELS}")
   if c.latent.video == "pixels":
     _require(c.latent.video_downsample == 1 and c.latent.video_channels == 3,
              "config.latent.video='pixels' needs latent.video_downsample=1 and latent.video_channels=3")
@@ -164,6 +207,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
            f"config.train.grad_accum={t.grad_accum} must be >= 1 and divide data.batch_size={d.batch_size}")
   _require(t.learning_rate > 0, f"config.train.learning_rate={t.learning_rate} must be > 0")
   _require(0.0 <= t.ema_decay < 1.0, f"config.train.ema_decay={t.ema_decay} must be in [0, 1)")
+  offload = t.get("offload_optimizer", False)  # absent in configs saved before it
+  _require(isinstance(offload, bool),
+           f"config.train.offload_optimizer={offload!r} must be True or False")
 
   # in-training evaluation (absent from configs saved before it existed)
   ev = c.get("eval")

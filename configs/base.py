@@ -75,6 +75,10 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.latent.video_channels = 3 if demo else 4
   c.latent.audio = "mel"  # normalized log-mel [N, n_mels]
   c.latent.vocoder = "griffin_lim" if demo else "bigvgan"
+  # Pretrained vocoders: "bridge" keeps the mel below as the latent and maps it into the
+  # vocoder's own mel space (rate, hop, filterbank) when decoding; "native" makes the latent the
+  # vocoder's own mel, which then needs the mel fields below equal to the checkpoint's.
+  c.latent.vocoder_mel = "bridge"
   c.mel = m = ml_collections.ConfigDict()
   m.n_mels = 64 if demo else 80
   m.n_fft = 1024

@@ -110,21 +110,54 @@ def compute_temporal(gen: list[Clip], extractor, progress: Callable) -> dict[str
   return out
 
 
+def video_features(clips: list[Clip], extractor, progress: Callable, label: str) -> np.ndarray:
+  """Per-clip video embeddings, `extractor.batch_size` clips per call, kept on each clip so that
+  FVD and KVD of one job share one pass."""
+  todo = [c for c in clips if extractor.name not in c.features]
+  batch = max(1, extractor.batch_size)
+  chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+  for chunk in progress(chunks, label):
+    for clip, row in zip(chunk, extractor.embed["video"]([c.video for c in chunk])):
+      clip.features[extractor.name] = np.asarray(row)
+  if not clips:
+    return np.zeros((0, 0), np.float32)
+  return np.stack([c.features[extractor.name] for c in clips])
+
+
 def compute_video_distance(metric: str, gen: list[Clip], ref: list[Clip], extractor,
                            progress: Callable, seed: int) -> dict[str, Any]:
   """FVD (Fréchet) or KVD (kernel) between per-clip video features of the two sets."""
-  embed = extractor.embed["video"]
-  gen_features = np.concatenate([embed([c.video]) for c in progress(gen, f"{metric} (generated)")])
-  ref_features = np.concatenate([embed([c.video]) for c in progress(ref, f"{metric} (reference)")])
+  short = []
+  if extractor.min_frames:
+    def long_enough(clips, label):
+      kept = []
+      for c in clips:
+        if len(c.video) < extractor.min_frames:
+          short.append({"name": c.name, "set": label,
+                        "reason": f"{len(c.video)} frames; the embedding uses the first "
+                                  f"{extractor.min_frames}"})
+        else:
+          kept.append(c)
+      return kept
+    gen, ref = long_enough(gen, "generated"), long_enough(ref, "reference")
+  gen_features = video_features(gen, extractor, progress, f"{metric} (generated)")
+  ref_features = video_features(ref, extractor, progress, f"{metric} (reference)")
   for label, f in (("generated", gen_features), ("reference", ref_features)):
     if len(f) < 2:
       raise ValueError(f"metric {metric!r}: the {label} set gives {len(f)} feature vector(s); "
                        "needs >= 2")
   out = {"embedding_model": extractor.name,
-         "num_features": {"generated": len(gen_features), "reference": len(ref_features)}}
+         "num_features": {"generated": len(gen_features), "reference": len(ref_features)},
+         "excluded_short": short}
+  if extractor.note:
+    out["note"] = extractor.note
   if metric == "fvd":
     out["score"] = frechet.frechet_distance_from_features(gen_features, ref_features)
     out["definition"] = "Fréchet distance between Gaussian fits of per-clip video features"
+    if min(len(gen_features), len(ref_features)) <= gen_features.shape[1]:
+      out["rank_warning"] = (f"fewer clips than feature dimensions ({gen_features.shape[1]}): "
+                             "the covariances are singular and the score is biased; use more "
+                             "clips")
   else:
     result = kernel.kernel_distance(gen_features, ref_features, seed=seed)
     out.update(score=result.pop("mean"), **result)
@@ -204,6 +237,7 @@ def compute(metric: str, generated: ClipSet, reference: ClipSet | None, extracto
     out = compute_text_score(metric, gen, extractor, progress)
   elif metric in ("fvd", "kvd"):
     out = compute_video_distance(metric, gen, ref, extractor, progress, seed)
+    excluded += out.pop("excluded_short")
   else:
     raise extractors.ExtractorUnavailableError(f"metric {metric!r} has no implementation")
   out["summary"] = spec.summary

@@ -33,6 +33,8 @@ class Clip:
   sample_rate: int | None = None
   caption: str | None = None
   meta: dict[str, Any] | None = None
+  # Embeddings already computed, by extractor name (FVD and KVD share one I3D pass).
+  features: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclasses.dataclass

@@ -23,6 +23,9 @@ class Extractor:
   name: str
   embed: dict[str, Callable[..., Any]]
   model: Any = None
+  batch_size: int = 1  # clips per `embed` call
+  min_frames: int | None = None  # shorter videos are excluded (listed in the report)
+  note: str | None = None  # written into the report entry of each metric that uses it
 
 
 def vggish(given: Mapping[str, str], download: bool) -> Extractor:
@@ -60,9 +63,16 @@ def clap(given: Mapping[str, str], download: bool) -> Extractor:
   encoders = clap_lib.ClapEncoders(folder)
   seconds = encoders.processor.feature_extractor.nb_max_samples / encoders.sample_rate
   checkpoint = os.path.basename(os.path.normpath(folder))
-  name = (f"CLAP (Flax port of transformers ClapModel, {checkpoint}): HTS-AT audio + RoBERTa "
-          f"text, unit-norm projections; audio at {encoders.sample_rate} Hz "
-          f"repeat-padded to {seconds:g} s (longer clips: their first {seconds:g} s)")
+  if encoders.fused:
+    longer = (f"longer clips: feature fusion of the whole clip shrunk to {seconds:g} s with 3 "
+              f"{seconds:g} s chunks from its front, middle and back thirds, chunk starts drawn "
+              f"with numpy seed {clap_lib.FUSION_SEED}")
+  else:
+    longer = f"longer clips: their first {seconds:g} s"
+  name = (f"CLAP (Flax port of transformers ClapModel, {checkpoint}, "
+          f"{'fused' if encoders.fused else 'unfused'}): HTS-AT audio + RoBERTa text, unit-norm "
+          f"projections; audio at {encoders.sample_rate} Hz repeat-padded to {seconds:g} s "
+          f"({longer})")
   return Extractor(name, {"audio": encoders.audio, "text": encoders.text}, encoders.model)
 
 
@@ -127,9 +137,38 @@ def clip(given: Mapping[str, str], download: bool, *, batch_size: int = 16) -> E
   return Extractor(name, {"image": image, "text": caption}, {"vision": vision, "text": text})
 
 
-def i3d(given: Mapping[str, str], download: bool) -> Extractor:
-  del given, download
-  raise ExtractorUnavailableError(
-      "metrics 'fvd'/'kvd': need I3D (Kinetics-400) video features, and avgen has no I3D port "
-      "yet; see docs/evaluation.md")
+I3D_OUTPUTS = {
+    "logits": ("400-d Kinetics logits averaged over time (TF-Hub i3d-kinetics-400 'Mean:0', the "
+               "reference FVD embedding)"),
+    "features": ("1024-d pre-logits (average-pooled Mixed_5c, averaged over time): not the "
+                 "standard FVD embedding"),
+}
 
+
+def i3d(given: Mapping[str, str], download: bool, *, output: str = "logits",
+        num_frames: int = 16, batch_size: int = 4) -> Extractor:
+  """I3D video embeddings of the first `num_frames` frames, as the reference FVD computes them."""
+  from avgen.metrics.nets import i3d as i3d_lib  # pylint: disable=g-import-not-at-top
+
+  if output not in I3D_OUTPUTS:
+    raise ValueError(f"--i3d-output: must be one of {sorted(I3D_OUTPUTS)}, got {output!r}")
+  if num_frames < i3d_lib.MIN_FRAMES:
+    raise ValueError(f"--fvd-frames: I3D needs >= {i3d_lib.MIN_FRAMES} frames, got {num_frames}")
+  path = weights_lib.resolve("i3d", given, download=download, metric="fvd/kvd")
+  model = i3d_lib.load_i3d(path)
+  if output == "logits" and model.settings.num_classes != 400:
+    raise ValueError(f"metrics 'fvd'/'kvd': {path} has {model.settings.num_classes} classes; FVD "
+                     "uses the Kinetics-400 logits (or pass --i3d-output features)")
+
+  def video(videos):
+    return i3d_lib.embed_videos(model, videos, output=output, num_frames=num_frames,
+                                batch_size=batch_size)
+
+  name = (f"I3D (Kinetics-400 Inception-v1, Flax port, weights {os.path.basename(path)}): "
+          f"{I3D_OUTPUTS[output]}, of each clip's first {num_frames} frames resized to "
+          f"{i3d_lib.FVD_SIZE}x{i3d_lib.FVD_SIZE} (TF1 bilinear) in [-1, 1]")
+  note = ("comparable with published FVD only with TF-Hub's i3d-kinetics-400 weights (e.g. "
+          "i3d_pretrained_400.pt), 16 frames and the logits; published numbers also differ in "
+          "clip sampling, frame rate and the number of clips")
+  return Extractor(name, {"video": video}, model, batch_size=batch_size, min_frames=num_frames,
+                   note=note)

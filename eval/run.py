@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from eval import compute, data, extractors, plots, report
 from avgen.metrics import weights as weights_lib
@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"extractor weights; NAME from {sorted(weights_lib.WEIGHTS)}")
   p.add_argument("--download", action="store_true",
                  help="fetch missing published weights (VGGish, CLAP) instead of failing")
+  p.add_argument("--i3d-output", choices=("logits", "features"), default="logits",
+                 help="FVD/KVD embedding: the 400 Kinetics logits (the reference FVD) or the "
+                      "1024-d pre-logits")
+  p.add_argument("--fvd-frames", type=int, default=16,
+                 help="FVD/KVD use each clip's first N frames (shorter clips are excluded)")
   p.add_argument("--seed", type=int, default=0, help="seed of every random choice (KID subsets)")
   p.add_argument("--max-clips", type=int, help="use the first N clips of each set (name order)")
   p.add_argument("--skip-unavailable", action="store_true",
@@ -58,15 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def preflight(metrics: Sequence[str], has_reference: bool, given: dict[str, str],
-              download: bool, skip: bool) -> tuple[dict[str, Any], dict[str, str]]:
-  """Loads each metric's extractor; returns (extractors, errors). Raises unless `skip`."""
-  loaded, errors = {}, {}
+              download: bool, skip: bool, options: Mapping[str, dict[str, Any]] | None = None
+              ) -> tuple[dict[str, Any], dict[str, str]]:
+  """Loads each metric's extractor; returns (extractors, errors). Raises unless `skip`.
+
+  `options`: keyword arguments of a metric's extractor builder. Metrics whose builder and
+  options agree (fvd and kvd) share one extractor, so its model loads once.
+  """
+  loaded, errors, built = {}, {}, {}
   for metric in metrics:
     try:
       if compute.METRICS[metric].needs_reference and not has_reference:
         raise ValueError(f"metric {metric!r} compares against a reference set: pass --reference")
       builder = compute.EXTRACTORS.get(metric)
-      loaded[metric] = builder(given, download) if builder else None
+      if builder is None:
+        loaded[metric] = None
+        continue
+      kwargs = (options or {}).get(metric, {})
+      key = (builder, tuple(sorted(kwargs.items())))
+      if key not in built:
+        built[key] = builder(given, download, **kwargs)
+      loaded[metric] = built[key]
     except (ValueError, weights_lib.MissingWeightsError, extractors.ExtractorUnavailableError) as e:
       errors[metric] = str(e)
   if errors and not skip:
@@ -96,8 +113,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     raise SystemExit(f"eval: {e}") from None
   if not args.out.endswith(".json"):
     raise SystemExit(f"eval: --out must name a .json file, got {args.out!r}")
+  video = {"output": args.i3d_output, "num_frames": args.fvd_frames}
   loaded, errors = preflight(metrics, args.reference is not None, given, args.download,
-                             args.skip_unavailable)
+                             args.skip_unavailable, {"fvd": video, "kvd": video})
   progress_on = not args.no_progress
 
   def progress(items, desc):

@@ -60,6 +60,7 @@ def _demo():
     (lambda c: setattr(c.latent, "video_channels", 4), "latent.video"),
     (lambda c: setattr(c.model, "align_window", 3), "model.align_window"),
     (lambda c: setattr(c.data, "modalities", ("video", "smell")), "data.modalities"),
+    (lambda c: setattr(c.latent, "vocoder_mel", "resample"), "latent.vocoder_mel"),
 ])
 def test_each_rule_names_its_field(edit, field):
   c = _demo()

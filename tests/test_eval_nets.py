@@ -1,5 +1,6 @@
 """Flax ports of the evaluation feature extractors vs their PyTorch originals (same weights,
-float32): LPIPS (lpips 0.1.4), VGGish (torchvggish 0.2), CLAP (transformers ClapModel)."""
+float32): LPIPS (lpips 0.1.4), VGGish (torchvggish 0.2), CLAP (transformers ClapModel, unfused
+and fused). I3D is in test_eval_i3d.py."""
 
 import json
 import os
@@ -172,35 +173,49 @@ def test_weights_with_a_wrong_layout_are_refused(lpips_reference, tmp_path):
 # CLAP
 
 
-@pytest.fixture(scope="module")
-def clap_folder(tmp_path_factory):
+def _make_clap_folder(folder, fused=False):
   """A tiny random transformers ClapModel + processor saved with save_pretrained."""
   transformers = pytest.importorskip("transformers")
+  if fused:  # the extractor's fusion shrinks mels to 64 bins, so the model takes 64
+    audio = dict(window_size=4, num_mel_bins=64, spec_size=128, hidden_size=32, depths=[2, 2],
+                 num_attention_heads=[2, 4], patch_embeds_hidden_size=16, enable_fusion=True)
+  else:
+    audio = dict(window_size=4, num_mel_bins=16, spec_size=32, hidden_size=32, depths=[2, 2],
+                 num_attention_heads=[2, 4], patch_embeds_hidden_size=16)
   config = transformers.ClapConfig(
       text_config=dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=37, max_position_embeddings=40),
-      audio_config=dict(window_size=4, num_mel_bins=16, spec_size=32, hidden_size=32, depths=[2, 2],
-                        num_attention_heads=[2, 4], patch_embeds_hidden_size=16),
-      projection_dim=24)
+      audio_config=audio, projection_dim=24)
   torch.manual_seed(0)
   model = transformers.ClapModel(config).eval()
   with torch.no_grad():  # move every weight and statistic off its initial value
     for p in model.parameters():
       p.add_(0.1 * torch.randn_like(p))
-    norm = model.audio_model.audio_encoder.batch_norm
-    norm.running_mean.normal_()
-    norm.running_var.uniform_(0.5, 2.0)
-  folder = tmp_path_factory.mktemp("clap")
+    for module in model.audio_model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.normal_()
+        module.running_var.uniform_(0.5, 2.0)
   model.save_pretrained(folder)
   vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
   vocab.update({c: 5 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ")})
   tokenizer = transformers.RobertaTokenizer(vocab=vocab, merges=[])
-  # 16 kHz and 1 s give 34 mel frames, within the tiny model's 64-frame input.
-  features = transformers.ClapFeatureExtractor(feature_size=16, sampling_rate=16000,
-                                               hop_length=480, max_length_s=1, frequency_max=8000)
+  # 16 kHz and 1 s give 34 mel frames, within the tiny models' 64 / 256-frame inputs.
+  features = transformers.ClapFeatureExtractor(feature_size=audio["num_mel_bins"],
+                                               sampling_rate=16000, hop_length=480,
+                                               max_length_s=1, frequency_max=8000)
   processor = transformers.ClapProcessor(feature_extractor=features, tokenizer=tokenizer)
   processor.save_pretrained(folder)
   return model, str(folder)
+
+
+@pytest.fixture(scope="module")
+def clap_folder(tmp_path_factory):
+  return _make_clap_folder(tmp_path_factory.mktemp("clap"))
+
+
+@pytest.fixture(scope="module")
+def fused_clap_folder(tmp_path_factory):
+  return _make_clap_folder(tmp_path_factory.mktemp("clap_fused"), fused=True)
 
 
 def test_clap_port_matches_transformers(clap_folder):
@@ -246,9 +261,58 @@ def test_clap_encoders_match_the_original_pipeline(clap_folder):
   assert np.abs(text[0] - text[1]).max() > 1e-3  # the captions do tokenize differently
 
 
-def test_clap_refuses_fused_checkpoints(tmp_path):
-  with pytest.raises(ValueError, match="fused checkpoints"):
-    clap.settings_from_config({"audio_config": {"enable_fusion": True}})
+def test_fused_clap_port_matches_transformers(fused_clap_folder):
+  reference, folder = fused_clap_folder
+  model = clap.load_clap(folder)
+  # Clip 0 is "longer": its three chunks (channels 1-3) are fused into the first channel's
+  # patches; clip 1 is not, so only its first channel counts.
+  features = np.random.default_rng(0).standard_normal((2, 4, 101, 64)).astype(np.float32)
+  is_longer = np.array([True, False])
+  with torch.no_grad():
+    expected = reference.get_audio_features(
+        input_features=torch.tensor(features),
+        is_longer=torch.tensor(is_longer)[:, None]).pooler_output.numpy()
+  ours = np.asarray(clap.audio_embeddings(model, features, is_longer))
+  np.testing.assert_allclose(ours, expected, atol=2e-6)
+  unfused = np.asarray(clap.audio_embeddings(model, features, np.array([False, False])))
+  assert np.abs(unfused[0] - ours[0]).max() > 1e-2  # the fusion did change clip 0
+  np.testing.assert_allclose(unfused[1], ours[1], atol=1e-6)
+  with pytest.raises(ValueError, match=r"\[B, 4, T, M\] for this fused model"):
+    clap.audio_embeddings(model, features[:, :1])
+
+
+def test_fused_clap_encoders_are_deterministic_and_match_the_original(fused_clap_folder):
+  reference, folder = fused_clap_folder
+  encoders = clap.ClapEncoders(folder)
+  assert encoders.fused
+  rng = np.random.default_rng(3)
+  # 1.5 s is longer than the extractor's 1 s: whole clip + 3 chunks; 0.7 s is repeat-padded.
+  audios = [rng.uniform(-0.3, 0.3, 24000).astype(np.float32),
+            rng.uniform(-0.3, 0.3, 11200).astype(np.float32)]
+  extractor = encoders.processor.feature_extractor
+  expected_features = []
+  for audio in audios:
+    np.random.seed(clap.FUSION_SEED)
+    expected_features.append(extractor([audio], sampling_rate=16000, truncation="fusion",
+                                       padding="repeatpad", return_tensors="pt"))
+  # The extractor calls the lone short clip "longer" (it marks a random clip of a batch without
+  # long ones); our encoder keeps each clip's own flag.
+  assert [bool(f["is_longer"][0, 0]) for f in expected_features] == [True, True]
+  with torch.no_grad():
+    expected = reference.get_audio_features(
+        input_features=torch.cat([f["input_features"] for f in expected_features]),
+        is_longer=torch.tensor([[True], [False]])).pooler_output.numpy()
+  state = np.random.get_state()
+  ours = encoders.audio(audios, 16000)
+  np.testing.assert_allclose(ours, expected, atol=2e-6)
+  assert np.array_equal(np.random.get_state()[1], state[1])  # the global RNG is left as it was
+  np.testing.assert_array_equal(encoders.audio(audios[::-1], 16000), ours[::-1])
+
+
+def test_clap_refuses_unported_configs(tmp_path):
+  with pytest.raises(ValueError, match="channel_map"):
+    clap.settings_from_config({"audio_config": {"enable_fusion": True,
+                                                "fusion_type": "channel_map"}})
   with pytest.raises(FileNotFoundError, match="config.json"):
     clap.load_clap(str(tmp_path))
 

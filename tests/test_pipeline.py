@@ -5,6 +5,7 @@ Every call uses 2 steps, so the programs compiled by one test are reused by the 
 """
 
 import os
+import wave
 
 import jax
 import jax.numpy as jnp
@@ -219,12 +220,24 @@ def test_bad_requests_are_refused_naming_the_input(pipe, inputs, tmp_path):
       (dict(strength=0.5), "strength"),
       (dict(num_inference_steps=0), "num_inference_steps"),
       (dict(seed=[1, 2]), "seed"),
+      # A rate goes with an array only: a file has its own, and no input has none.
+      (dict(mode="audio_to_video", audio_path=wav, audio_sample_rate=16000),
+       "audio_sample_rate=16000: only with audio= .* read from the file"),
+      (dict(audio_sample_rate=16000), "audio_sample_rate=16000: .* no audio was given"),
+      (dict(mode="video_to_audio", video_path=mp4, video_fps=12), "video_fps=12"),
   ]
   for kwargs, match in cases:
     with pytest.raises((ValueError, FileNotFoundError), match=match):
       pipe(prompt=PROMPT, **kwargs)
   with pytest.raises(FileNotFoundError, match="neither a directory"):
     pipeline.resolve_checkpoint(str(tmp_path / "nope"))
+  # The batch generator's Requests reach the same rule in inputs.py.
+  with pytest.raises(ValueError, match="audio_sample_rate=22050: only for an array of audio"):
+    pipe.generate([pipeline.Request(PROMPT, audio=wav, audio_sample_rate=22050)],
+                  mode="audio_to_video", num_inference_steps=STEPS)
+  with pytest.raises(ValueError, match="video_fps=12: only for an array of video"):
+    pipe.generate([pipeline.Request(PROMPT, video=mp4, video_fps=12)], mode="video_to_audio",
+                  num_inference_steps=STEPS)
   assert d.fps == 8  # the cases above assume the tiny config
 
 
@@ -276,4 +289,41 @@ def test_cli_writes_mp4_and_wav(ckpt, inputs, tmp_path):
   clip = api.generate_from_workdir(ckpt, "a red circle", mode="video_to_audio", video_path=mp4,
                                    num_steps=2, seed=3)
   audio, _ = media.read_wav(out[:-4] + ".wav")
-  np.testing.assert_allclose(audio, clip.audio, atol=1.0 / 32767 + 1e-6)
+  # Half a step of rounding, or a whole one where +1.0 is held at 32767 / 32768.
+  np.testing.assert_allclose(audio, clip.audio, atol=1.0 / 32768)
+
+
+def test_cli_refuses_an_input_its_mode_does_not_read(inputs, tmp_path):
+  wav, mp4 = inputs
+  cases = [("text_to_audio_video", [f"--audio={wav}"], "--audio"),
+           ("audio_to_video", [f"--audio={wav}", f"--video={mp4}"], "--video")]
+  for mode, given, refused in cases:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["avgen.sample", f"--workdir={tmp_path}", f"--mode={mode}", *given,
+                 f"--out={tmp_path / 'x.mp4'}"])
+    try:
+      with pytest.raises(SystemExit, match=f"{refused} is not used by --mode={mode}"):
+        cli.main([])
+    finally:
+      flags.FLAGS.unparse_flags()
+  assert not os.listdir(tmp_path)  # refused before anything was loaded or written
+
+
+def test_wav_round_trip_is_exact_and_full_scale_does_not_wrap(tmp_path):
+  """One int16 convention (k <-> k / 32768) for writing and both readers."""
+  every_int16 = np.arange(-32768, 32768, dtype=np.float32) / 32768
+  out_of_range = np.array([1.0, -1.0, 3.0, -3.0, 1.0 - 0.4 / 32768, 1e30], np.float32)
+  audio = np.concatenate([every_int16, out_of_range])
+  path = str(tmp_path / "all.wav")
+  media.write_wav(path, audio, 16000)
+  with wave.open(path, "rb") as f:
+    pcm = np.frombuffer(f.readframes(f.getnframes()), "<i2")
+  np.testing.assert_array_equal(pcm[:65536], np.arange(-32768, 32768))
+  # +1.0 (and above) holds at the largest int16 rather than wrapping to -32768.
+  np.testing.assert_array_equal(pcm[65536:], [32767, -32768, 32767, -32768, 32767, 32767])
+  back, rate = media.read_wav(path)
+  assert rate == 16000 and back.dtype == np.float32
+  np.testing.assert_array_equal(back[:65536], every_int16)
+  # ffmpeg (read_audio, and so audio_to_video's kept sound) reads the file to the same floats.
+  np.testing.assert_array_equal(media.read_audio(path, sample_rate=16000), back)
+

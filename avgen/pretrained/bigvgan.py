@@ -27,7 +27,10 @@ from avgen.models.autoencoders.bigvgan import (
 from avgen.pretrained.safetensors_io import (
     CheckpointError, Tensors, assign, conv, read_config)
 
-DEFAULT_SOURCE = "nvidia/bigvgan_v2_22khz_80band_256x"
+# 22050 Hz, n_fft 1024, hop 256, window 1024, 80 bins over 0-8 kHz: the v2 22 kHz model whose
+# bins all lie below 8 kHz, the Nyquist frequency of our 16 kHz audio (its sibling
+# bigvgan_v2_22khz_80band_256x spans 0-11025 Hz, and its top bins would only see silence).
+DEFAULT_SOURCE = "nvidia/bigvgan_v2_22khz_80band_fmax8k_256x"
 CACHE_VERSION = 1
 PICKLE_NAME = "bigvgan_generator.pt"
 # The hub repos publish the pickle only; the registry converts it (weights-only) on first load.

@@ -12,6 +12,8 @@ _HUB_ID = re.compile(r"([\w.-]+)/([\w.-]+)((?:/[\w.-]+)*)(?:@([\w./-]+))?")
 
 # Everything a converter or a tokenizer may read; never pickles, TF or Flax msgpack files.
 DEFAULT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
+# A tokenizer alone: its vocabulary, merges, sentencepiece model and configs, never weights.
+TOKENIZER_PATTERNS = ("*.json", "*.txt", "*.model")
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -29,12 +31,14 @@ def parse_hub_id(source: str) -> tuple[str, str | None, str | None] | None:
 
 
 def resolve(source: str | os.PathLike, *, what: str, cache_dir: pathlib.Path | None = None,
-            patterns: Sequence[str] = DEFAULT_PATTERNS, weights_only_pickle: bool = False
-            ) -> pathlib.Path:
+            patterns: Sequence[str] = DEFAULT_PATTERNS, weights_only_pickle: bool = False,
+            require_weights: bool = True) -> pathlib.Path:
   """A local directory holding `source`'s files; hub ids are downloaded (config/weights only).
 
   weights_only_pickle: the kind converts a pickle with torch's weights-only unpickler, so a hub
   folder without safetensors is accepted (the registry converts it before loading).
+  require_weights: False for files that are not weights (a tokenizer): a hub folder without
+  *.safetensors is then fine.
   """
   path = pathlib.Path(source).expanduser()
   if path.is_dir():
@@ -62,7 +66,7 @@ def resolve(source: str | os.PathLike, *, what: str, cache_dir: pathlib.Path | N
   out = pathlib.Path(root) / subfolder if subfolder else pathlib.Path(root)
   if not out.is_dir():
     raise RuntimeError(f"{what}: hub repo {repo_id!r} has no folder {subfolder!r}")
-  if not any(out.glob("*.safetensors")) and not weights_only_pickle:
+  if require_weights and not any(out.glob("*.safetensors")) and not weights_only_pickle:
     raise RuntimeError(
         f"{what}: hub repo {repo_id!r}{'/' + subfolder if subfolder else ''} (revision "
         f"{revision or 'main'}) has no *.safetensors weights; avgen refuses pickle checkpoints "

@@ -50,10 +50,15 @@ class TextTokenizer:
 
 def load_tokenizer(source: str | os.PathLike, max_len: int, *,
                    cache_dir: str | os.PathLike | None = None) -> TextTokenizer:
-  """The tokenizer saved with a checkpoint (local dir or hub id), e.g. CLIP's or T5's."""
+  """The tokenizer saved with a checkpoint (local dir or hub id), e.g. CLIP's or T5's.
+
+  Only tokenizer files are downloaded (hub.TOKENIZER_PATTERNS), and the folder need hold no
+  weights: a hub repo or subfolder with just a tokenizer (e.g. 'owner/name/tokenizer') works.
+  """
   import transformers  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else hub.default_cache_dir()
-  path = hub.resolve(source, what="load_tokenizer", cache_dir=root)
+  path = hub.resolve(source, what="load_tokenizer", cache_dir=root,
+                     patterns=hub.TOKENIZER_PATTERNS, require_weights=False)
   try:
     hf = transformers.AutoTokenizer.from_pretrained(str(path))
   except (OSError, ValueError) as e:

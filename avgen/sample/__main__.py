@@ -45,6 +45,13 @@ def main(argv):
   source = _CHECKPOINT.value or _WORKDIR.value
   if not source or (_CHECKPOINT.value and _WORKDIR.value):
     sys.exit("avgen.sample: give one of --workdir or --checkpoint")
+  # A given file the mode would not read is refused, not dropped: it is most likely a mistyped
+  # --mode, and the clip would otherwise ignore what the user meant to condition on.
+  for flag, value, modes in (("--audio", _AUDIO.value, ("audio_to_video", "edit")),
+                             ("--video", _VIDEO.value, ("video_to_audio", "edit"))):
+    if value and _MODE.value not in modes:
+      sys.exit(f"avgen.sample: {flag} is not used by --mode={_MODE.value}; it conditions "
+               f"--mode={' or --mode='.join(modes)}")
   try:
     clip = api.generate_from_workdir(
         source, _PROMPT.value, mode=_MODE.value, audio_path=_AUDIO.value,

@@ -12,6 +12,15 @@ The programs are StableHLO for fixed shapes (batch, clip shape, mode, steps): th
 no Python model code, and `avgen_exported.py` (a copy of `exported_runtime.py`) runs them with
 numpy and JAX. Weights are an argument, stored in weights.npz.
 
+Frozen text encoders (config.model.text_encoder "clip_text" / "t5_encoder"): the encoder is
+part of both programs (prompt and negative prompt are encoded inside them, once per call) and
+its weights are in weights.npz beside the DiT's, so the folder needs neither avgen nor
+transformers. Its tokenizer goes along as tokenizer.json, set to pad and cut to the model's
+caption length; the runtime reads it with the `tokenizers` package. The export checks that this
+file tokenizes a set of probe texts exactly as the pipeline does; where it cannot (a tokenizer
+without a fast backend, or one that differs), it warns and the runtime takes token ids
+(`sample_tokens`) instead.
+
 int8 (weight-only, AQT-style): every floating weight with >= `min_size` elements is stored as
 int8 with one float32 scale per channel of its last axis (symmetric, round to nearest); the
 programs dequantize in the graph. Biases, norms and small tensors stay in their dtype. Saves
@@ -22,6 +31,7 @@ benchmarks/results/quantize_cpu.md for what it costs in accuracy and time.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -32,9 +42,16 @@ import numpy as np
 
 from avgen.sample import exported_runtime
 
+_log = logging.getLogger(__name__)
+
 RUNTIME_NAME = "avgen_exported.py"
+TOKENIZER_NAME = exported_runtime.TOKENIZER_NAME
 QUANTIZE = (None, "int8")
 load = exported_runtime.load
+# Texts the exported tokenizer must tokenize as the pipeline does: empty (the unconditional
+# input), case and punctuation, non-ASCII, and one longer than any caption length (truncation).
+PROBE_TEXTS = ("", "a red circle bounces", "A Blue SQUARE, twice!  (loud)", "ünïcode ♪ café",
+               "a very long prompt " * 40)
 
 
 def _name(path) -> str:
@@ -89,6 +106,48 @@ def _dequantize(entry, dtype):
 
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
+
+
+def export_tokenizer(pipe, directory: str) -> dict[str, Any]:
+  """Writes what the runtime needs to tokenize prompts; returns meta.json's "tokenizer" entry.
+
+  byte: nothing to write ({"kind": "byte"}). A frozen encoder's tokenizer: tokenizer.json
+  ({"kind": "hf"}) if it reproduces the pipeline's ids and masks on PROBE_TEXTS, else nothing
+  ({"kind": "external"}: the caller tokenizes and uses `sample_tokens`), with a warning.
+  """
+  config = pipe.config
+  max_len = int(config.data.caption_max_len)
+  path = os.path.join(directory, TOKENIZER_NAME)
+  if os.path.exists(path):
+    os.remove(path)  # a previous export's, which may not fit this model
+  kind = config.model.text_encoder
+  if kind == "byte":
+    return {"kind": "byte", "max_len": max_len}
+  external = {"kind": "external", "max_len": max_len, "text_encoder": kind}
+  hf = getattr(pipe.tokenizer, "hf", None)
+  backend = getattr(hf, "backend_tokenizer", None)
+  if backend is None:
+    _log.warning("export: the %s tokenizer has no fast (tokenizers) backend, so the export "
+                 "holds no tokenizer; pass token ids to ExportedSampler.sample_tokens", kind)
+    return external
+  import tokenizers  # pylint: disable=g-import-not-at-top  (comes with transformers)
+  tok = tokenizers.Tokenizer.from_str(backend.to_str())
+  # The padding and truncation of TextTokenizer's call (transformers sets the same on the
+  # backend for padding="max_length", truncation=True), stored in the file.
+  tok.enable_truncation(max_len, strategy="longest_first", direction=hf.truncation_side)
+  tok.enable_padding(length=max_len, direction=hf.padding_side, pad_id=hf.pad_token_id,
+                     pad_type_id=hf.pad_token_type_id, pad_token=hf.pad_token)
+  tok.save(path)
+  ours = exported_runtime.hf_tokenize(tokenizers.Tokenizer.from_file(path), PROBE_TEXTS,
+                                      max_len)
+  theirs = pipe.tokenizer(list(PROBE_TEXTS))
+  if not all(np.array_equal(a, np.asarray(b)) for a, b in zip(ours, theirs)):
+    os.remove(path)
+    _log.warning("export: the %s tokenizer's tokenizers backend does not reproduce the "
+                 "pipeline's token ids, so the export holds no tokenizer; pass token ids to "
+                 "ExportedSampler.sample_tokens", kind)
+    return external
+  return {"kind": "hf", "file": TOKENIZER_NAME, "max_len": max_len, "text_encoder": kind}
 
 
 def export_sampler(pipe, directory: str, *, batch_size: int = 1,
@@ -147,6 +206,7 @@ def export_sampler(pipe, directory: str, *, batch_size: int = 1,
       w, text, text, video, audio, f32(b), f32(b), f32(b), f32(b))
 
   os.makedirs(directory, exist_ok=True)
+  tokenizer = export_tokenizer(pipe, directory)
   with open(os.path.join(directory, "sampler.jaxexport"), "wb") as f:
     f.write(sampler_exp.serialize())
   with open(os.path.join(directory, "denoiser.jaxexport"), "wb") as f:
@@ -167,8 +227,7 @@ def export_sampler(pipe, directory: str, *, batch_size: int = 1,
       sample_rate=config.data.sample_rate,
       guidance_video=float(config.sample.guidance_video),
       guidance_audio=float(config.sample.guidance_audio),
-      tokenizer={"kind": config.model.text_encoder if config.model.text_encoder == "byte"
-                 else "external", "max_len": int(config.data.caption_max_len)},
+      tokenizer=tokenizer, text_encoder=config.model.text_encoder,
       prng_impl=str(jax.config.jax_default_prng_impl), quantize=quantize,
       platforms=list(sampler_exp.platforms), jax_version=jax.__version__,
       weight_bytes=int(sum(a.nbytes for a in arrays.values())),

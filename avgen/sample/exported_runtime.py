@@ -11,6 +11,11 @@ Folder: sampler.jaxexport (the whole sampling loop with guidance, for the export
 mode and steps), denoiser.jaxexport (one guided model evaluation), weights.npz (the parameters
 by name; int8 ones as `name#q` + `name#scale`), meta.json (shapes, mode, steps, the times, the
 tokenizer, the config). The programs take the weights as an argument, so they hold no weights.
+
+A model with a frozen pretrained text encoder (CLIP / T5) has it inside the programs and its
+weights in weights.npz; its tokenizer is tokenizer.json, read with the `tokenizers` package
+(`pip install tokenizers`; nothing else). Without that file, tokenize with the encoder's own
+tokenizer (padded and cut to meta["tokenizer"]["max_len"]) and call `sample_tokens`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 FORMAT_VERSION = 1
+TOKENIZER_NAME = "tokenizer.json"
 
 
 def load_weights(path: str) -> dict:
@@ -49,6 +55,18 @@ def byte_tokenize(texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.nd
   return ids, ids != 0
 
 
+def hf_tokenize(tokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """ids int32 [B, max_len] and mask bool [B, max_len] from a `tokenizers.Tokenizer` whose
+  padding and truncation are set to max_len (as the exported tokenizer.json is)."""
+  encodings = tokenizer.encode_batch(list(texts))
+  ids = np.array([e.ids for e in encodings], np.int32).reshape(len(encodings), -1)
+  mask = np.array([e.attention_mask for e in encodings], bool).reshape(len(encodings), -1)
+  if ids.shape != (len(texts), max_len):
+    raise ValueError(f"tokenizer: gave ids of shape {ids.shape}, the model takes "
+                     f"{(len(texts), max_len)}")
+  return ids, mask
+
+
 class ExportedSampler:
   """An exported sampler and its weights, loaded from a folder.
 
@@ -72,12 +90,29 @@ class ExportedSampler:
     self.weights = jax.device_put(load_weights(os.path.join(directory, "weights.npz")))
     self.batch_size = int(self.meta["batch_size"])
     self.mode = self.meta["mode"]
+    self._hf_tokenizer = None
 
   def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and mask [B, max_len] of the exported model's tokenizer."""
+    if isinstance(texts, str):
+      raise TypeError("tokenize: expects a list of strings, got one str")
     tok = self.meta["tokenizer"]
-    if tok["kind"] != "byte":
-      raise ValueError(f"tokenizer {tok['kind']!r}: pass token ids and masks to sample_tokens")
-    return byte_tokenize(list(texts), int(tok["max_len"]))
+    max_len = int(tok["max_len"])
+    if tok["kind"] == "byte":
+      return byte_tokenize(list(texts), max_len)
+    if tok["kind"] == "hf":
+      if self._hf_tokenizer is None:
+        try:
+          import tokenizers  # pylint: disable=g-import-not-at-top
+        except ImportError as e:
+          raise ImportError("this export's text encoder needs the `tokenizers` package for its "
+                            "tokenizer.json: pip install tokenizers") from e
+        self._hf_tokenizer = tokenizers.Tokenizer.from_file(
+            os.path.join(self.directory, tok["file"]))
+      return hf_tokenize(self._hf_tokenizer, texts, max_len)
+    raise ValueError(f"tokenizer {tok['kind']!r}: this export holds no tokenizer; pass token "
+                     f"ids and masks [B, {max_len}] of the {tok.get('text_encoder', 'model')}'s "
+                     "tokenizer to sample_tokens")
 
   def keys(self, seeds: Sequence[int]) -> np.ndarray:
     impl = self.meta["prng_impl"]
@@ -118,18 +153,26 @@ class ExportedSampler:
         self._rows("guidance_audio", guidance_audio, b), times)
     return np.asarray(video), np.asarray(audio)
 
-  def sample(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompt: str = "",
-             guidance_video: float | None = None, guidance_audio: float | None = None,
-             video_x0=None, audio_x0=None):
-    """Latents for prompts (byte tokenizer); guidance defaults to the exported config's."""
+  def sample(self, prompts: Sequence[str], *, seeds: Sequence[int],
+             negative_prompt: str | None = None, guidance_video: float | None = None,
+             guidance_audio: float | None = None, video_x0=None, audio_x0=None):
+    """Latents for prompts (the exported tokenizer).
+
+    negative_prompt and the guidance scales default to the exported config's, as in the
+    pipeline.
+    """
+    if isinstance(prompts, str):
+      raise TypeError("sample: prompts must be a list of strings, got one str")
     if len(prompts) != len(seeds):
       raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if negative_prompt is None:
+      negative_prompt = self.meta["config"]["sample"].get("negative_prompt", "")
     gv = self.meta["guidance_video"] if guidance_video is None else guidance_video
     ga = self.meta["guidance_audio"] if guidance_audio is None else guidance_audio
-    return self.sample_tokens(self.tokenize(prompts), self.tokenize([negative_prompt] *
-                                                                    len(prompts)),
-                              self.keys(seeds), guidance_video=gv, guidance_audio=ga,
-                              video_x0=video_x0, audio_x0=audio_x0)
+    negative = self.tokenize([negative_prompt] * len(prompts))
+    return self.sample_tokens(self.tokenize(prompts), negative, self.keys(seeds),
+                              guidance_video=gv, guidance_audio=ga, video_x0=video_x0,
+                              audio_x0=audio_x0)
 
   def denoise(self, text, negative_text, video_t, audio_t, t_video, t_audio, *, guidance_video,
               guidance_audio):

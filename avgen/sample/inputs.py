@@ -15,7 +15,8 @@ logged, so nothing happens silently):
   shorter        audio is padded with silence; video repeats its last frame.
 
 Refused with a ValueError naming the input: empty inputs, non-finite or non-float audio,
-non-uint8 video, arrays without their rate.
+non-uint8 video, arrays without their rate, and a rate given with a file (the file's own rate
+is the one that holds; a second one could only disagree with it).
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def _check_rate(name: str, rate: Any) -> float:
   return float(rate)
 
 
+def _no_rate_for_files(name: str, rate: Any, what: str) -> None:
+  if rate is not None:
+    raise ValueError(f"{name}={rate!r}: only for an array of {what}; a {what} file's rate is "
+                     f"read from the file (pass {name}=None)")
+
+
 def _fit_length(audio: np.ndarray, length: int, notes: list[str], sample_rate: int) -> np.ndarray:
   if len(audio) > length:
     _note(notes, f"audio: {len(audio) / sample_rate:.3f} s is longer than the clip's "
@@ -62,6 +69,7 @@ def load_audio(source: str | os.PathLike | np.ndarray, *, sample_rate: int, num_
   from avgen.sample import media  # pylint: disable=g-import-not-at-top
   notes: list[str] = []
   if isinstance(source, (str, os.PathLike)):
+    _no_rate_for_files("audio_sample_rate", source_rate, "audio")
     header = media.probe_header(source)
     if header["audio"] is None:
       raise ValueError(f"audio_path {os.fspath(source)!r}: the file has no audio stream")
@@ -134,6 +142,7 @@ def load_video(source: str | os.PathLike | np.ndarray, *, fps: float, height: in
   from avgen.sample import media  # pylint: disable=g-import-not-at-top
   notes: list[str] = []
   if isinstance(source, (str, os.PathLike)):
+    _no_rate_for_files("video_fps", source_fps, "video")
     header = media.probe_header(source)
     if header["video"] is None:
       raise ValueError(f"video_path {os.fspath(source)!r}: the file has no video stream")

@@ -6,6 +6,11 @@ tail of ffmpeg's log. Paths reach ffmpeg as `file:<absolute path>`, so names wit
 unicode, a leading dash or a colon are read as plain files.
 
 Shapes follow docs/architecture.md: video uint8 [T, H, W, 3], audio float [S] in [-1, 1].
+
+16-bit PCM, both ways: sample k <-> k / 32768, the convention of ffmpeg, soundfile and librosa,
+so `read_wav` and `read_audio` give the same floats for one file. Writing clips to [-1, 1]
+first; +1.0 becomes 32767 (the largest int16, never wrapping to -32768) and -1.0 becomes
+-32768. Every k / 32768 survives write_wav -> read_wav exactly.
 """
 
 from __future__ import annotations
@@ -107,11 +112,21 @@ def _check_audio(audio: Any) -> np.ndarray:
 # Writing
 
 
+PCM_SCALE = 32768.0  # int16 sample k is the float k / PCM_SCALE (see the module docstring)
+
+
+def to_pcm16(audio: np.ndarray) -> np.ndarray:
+  """Float samples -> little-endian int16: clipped to [-1, 1], scaled by 32768, rounded to the
+  nearest (ties to even), and +1.0 (32768) held at 32767."""
+  scaled = np.round(np.clip(np.asarray(audio, np.float64), -1.0, 1.0) * PCM_SCALE)
+  return np.clip(scaled, -32768, 32767).astype("<i2")
+
+
 def write_wav(path: str | os.PathLike, audio: Any, sample_rate: int) -> None:
-  """Writes mono float audio [S] (clipped to [-1, 1]) as 16-bit PCM wav."""
+  """Writes mono float audio [S] (clipped to [-1, 1]) as 16-bit PCM wav (k / 32768 -> k)."""
   audio = _check_audio(audio)
   sample_rate = _check_sample_rate(sample_rate)
-  pcm = np.round(np.clip(audio.astype(np.float64), -1.0, 1.0) * 32767.0).astype("<i2")
+  pcm = to_pcm16(audio)
   with wave.open(os.fspath(path), "wb") as f:
     f.setnchannels(1)
     f.setsampwidth(2)
@@ -120,14 +135,14 @@ def write_wav(path: str | os.PathLike, audio: Any, sample_rate: int) -> None:
 
 
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-  """Reads a 16-bit PCM wav -> (float32 [S] or [S, C] in [-1, 1], sample_rate)."""
+  """Reads a 16-bit PCM wav -> (float32 [S] or [S, C] in [-1, 1), sample_rate); k -> k / 32768."""
   with wave.open(os.fspath(path), "rb") as f:
     if f.getsampwidth() != 2:
       raise MediaError(f"{path}: read_wav reads 16-bit PCM only, got {8 * f.getsampwidth()}-bit;"
                        " use read_audio for other formats")
     channels, rate = f.getnchannels(), f.getframerate()
     pcm = np.frombuffer(f.readframes(f.getnframes()), "<i2")
-  audio = pcm.astype(np.float32) / 32767.0
+  audio = pcm.astype(np.float32) / np.float32(PCM_SCALE)
   return (audio if channels == 1 else audio.reshape(-1, channels)), rate
 
 

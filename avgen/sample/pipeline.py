@@ -20,7 +20,9 @@ Compile cache: one XLA program per (frame shape, mode, sampler, steps to run, ro
 Prompts, negative prompts, seeds, guidance scales and the conditioning inputs are arguments, so
 changing them never recompiles; nor does a new edit strength that runs the same number of steps.
 Programs live as long as the pipeline; `compile_cache_dir` also keeps them on disk (JAX's
-persistent compilation cache, a process-wide setting) for the next process.
+persistent compilation cache, a process-wide setting) for the next process. JAX writes only
+programs whose compile took at least `jax_persistent_cache_min_compile_time_secs` (1 s by
+default), and keeps the first directory it opened for the rest of the process.
 """
 
 from __future__ import annotations
@@ -227,14 +229,22 @@ class AudioVideoGenerationPipeline:
       vae_frames_per_chunk: frames per SD-VAE decoder call (VAE slicing: lower peak memory).
       vocoder_chunk_frames: mel frames per vocoder call.
       devices: devices to place the weights on and split batches over (default: all local).
-      compile_cache_dir: directory for JAX's persistent compilation cache (process-wide).
+      compile_cache_dir: directory for JAX's persistent compilation cache (process-wide; see
+        the module docstring for what JAX writes there).
       compiler_options: XLA options for the sampling programs, e.g.
         {"xla_backend_optimization_level": 0} compiles about twice as fast on a CPU.
     """
     from avgen.sample.load import load_generator  # pylint: disable=g-import-not-at-top
     if compile_cache_dir:
-      os.makedirs(compile_cache_dir, exist_ok=True)
-      jax.config.update("jax_compilation_cache_dir", os.path.abspath(compile_cache_dir))
+      path = os.path.abspath(compile_cache_dir)
+      active = jax.config.jax_compilation_cache_dir
+      if active and os.path.abspath(active) != path:
+        # JAX opens its cache once per process, at the first compile after a directory is set.
+        _log.warning("compile_cache_dir=%r: this process already set JAX's compilation cache "
+                     "to %r; once JAX has compiled with it, it keeps using that directory",
+                     path, active)
+      os.makedirs(path, exist_ok=True)
+      jax.config.update("jax_compilation_cache_dir", path)
     workdir = resolve_checkpoint(source)
     config, generator, params = load_generator(workdir, step=step, use_ema=use_ema)
     return cls(config, generator, params, dtype=dtype, attention_impl=attention_impl,
@@ -607,6 +617,13 @@ class AudioVideoGenerationPipeline:
       raise ValueError("audio_path and audio: give one of them")
     if video_path is not None and video is not None:
       raise ValueError("video_path and video: give one of them")
+    for rate_name, rate, array_name, array, path in (
+        ("audio_sample_rate", audio_sample_rate, "audio", audio, audio_path),
+        ("video_fps", video_fps, "video", video, video_path)):
+      if rate is not None and array is None:
+        raise ValueError(f"{rate_name}={rate!r}: only with {array_name}= (an array); "
+                         + (f"the rate of {array_name}_path is read from the file"
+                            if path is not None else f"no {array_name} was given"))
     if isinstance(seed, (list, tuple)):
       if len(seed) != len(prompts):
         raise ValueError(f"seed: {len(seed)} seeds for {len(prompts)} prompts")

@@ -34,6 +34,11 @@ def shape_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "shared_weights", "audio_head_depth", "video_head_depth", "video_head_channels",
           "align_width", "text_encoder", "text_width", "text_depth", "text_heads")
   sig = {f"model.{k}": _plain(m[k]) for k in keys if k in m}
+  from avgen.models import text_encoder  # pylint: disable=g-import-not-at-top
+  if m.get("text_encoder") in text_encoder.FROZEN:
+    # The frozen encoder is not saved with the model, which learnt its states, not another's
+    # of the same width ("" counts as the kind's default source).
+    sig["model.text_encoder_source"] = text_encoder.frozen_sources(config)[0]
   shapes = latent_shapes(config)
   sig["latent.video_shape"] = list(shapes["video"])
   sig["latent.audio_shape"] = list(shapes["audio"])
@@ -80,8 +85,12 @@ class Checkpointer:
     saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     ours = json.loads(json.dumps(shape_signature(config)))
     theirs = saved.get("shape_signature", {})
+    # Keys that later versions added to the signature are not in older checkpoints: those
+    # compare only on the keys both know (model.text_encoder_source came after session 2).
+    added_later = {"model.text_encoder_source"} - set(theirs)
     diffs = [f"{k}: checkpoint has {theirs.get(k)!r}, config has {ours.get(k)!r}"
-             for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+             for k in sorted((set(ours) | set(theirs)) - added_later)
+             if ours.get(k) != theirs.get(k)]
     if diffs:
       raise CheckpointMismatchError(
           f"{self.directory}/{step} was written for a different model shape; use another --workdir "

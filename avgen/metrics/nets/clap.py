@@ -1,9 +1,10 @@
 """CLAP (LAION, HTS-AT audio tower + RoBERTa text tower): the embeddings of the CLAP score.
 
-A Flax NNX port of transformers' `ClapModel` (unfused checkpoints such as
-`laion/clap-htsat-unfused`), loaded from a folder written by `save_pretrained` (config.json and
-model.safetensors). `get_audio_features` / `get_text_features` give the L2-normalized projected
-embeddings, as the original's methods of the same names.
+A Flax NNX port of transformers' `ClapModel`, unfused (`laion/clap-htsat-unfused`) and fused
+(`enable_fusion=True`: `laion/clap-htsat-fused`, `laion/larger_clap_*`), loaded from a folder
+written by `save_pretrained` (config.json and model.safetensors). `get_audio_features` /
+`get_text_features` give the L2-normalized projected embeddings, as the original's methods of
+the same names.
 
 Audio tower (HTS-AT):
   mel features [B, 1, T, M] -> BatchNorm over mel bins -> time stretched to spec_size * r frames
@@ -12,6 +13,14 @@ Audio tower (HTS-AT):
   -> Swin stages (window attention with relative position bias; odd layers shift windows by
   half a window, with a mask between regions that the shift made adjacent; 2x2 patch merging
   between stages) -> LN -> mean over tokens -> projection (Linear, ReLU, Linear).
+Feature fusion (fused checkpoints; LAION-CLAP's "aff_2d"): the input has 4 mel channels, the
+  whole clip's mel shrunk to 10 s and three 10 s chunks of it (front, middle, back thirds), each
+  folded into an image as above. The patch conv embeds the first; for clips marked `is_longer`
+  the chunks go through their own conv (kernel and stride 3x wider in time), are laid side by
+  side in time (zero-padded to the same width) and mixed in by attentional feature fusion:
+  w = sigmoid(local(x + y) + global(x + y)), out = 2 x w + 2 y (1 - w), where local is
+  1x1 conv, BN, ReLU, 1x1 conv, BN and global the same after a spatial mean. Other clips use the
+  first channel alone (for clips up to 10 s all four channels are the same mel).
 Text tower: RoBERTa (post-LN BERT layers; positions count non-pad tokens from pad_id + 1),
   pooler tanh(W h_0 + b) on the first token -> projection (Linear, ReLU, Linear).
 
@@ -50,6 +59,8 @@ class AudioSettings:
   patch_norm: bool = True
   layer_norm_eps: float = 1e-5
   projection_dim: int = 512
+  enable_fusion: bool = False
+  aff_block_r: int = 4  # channel reduction inside the fusion block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +80,10 @@ class TextSettings:
 def settings_from_config(config: dict[str, Any]) -> tuple[AudioSettings, TextSettings]:
   """Our settings from a transformers ClapConfig dict; refuses what the port does not cover."""
   audio, text = config.get("audio_config", {}), config.get("text_config", {})
-  if audio.get("enable_fusion"):
-    raise ValueError("CLAP: fused checkpoints (enable_fusion=True, e.g. clap-htsat-fused) are not "
-                     "ported; use an unfused one such as laion/clap-htsat-unfused")
+  if audio.get("enable_fusion") and audio.get("fusion_type") == "channel_map":
+    raise ValueError("CLAP: audio_config.fusion_type='channel_map' (a 4-channel patch conv) is "
+                     "not ported; the released fused checkpoints use the default (attentional "
+                     "feature fusion)")
   required = [("audio_config", audio, "hidden_act", "gelu"),
               ("text_config", text, "hidden_act", "gelu"),
               ("config", config, "projection_hidden_act", "relu"),
@@ -95,7 +107,9 @@ def settings_from_config(config: dict[str, Any]) -> tuple[AudioSettings, TextSet
       num_heads=tuple(audio.get("num_attention_heads", (4, 8, 16, 32))),
       mlp_ratio=audio.get("mlp_ratio", 4.0), qkv_bias=audio.get("qkv_bias", True),
       patch_norm=audio.get("enable_patch_layer_norm", True),
-      layer_norm_eps=audio.get("layer_norm_eps", 1e-5), projection_dim=projection)
+      layer_norm_eps=audio.get("layer_norm_eps", 1e-5), projection_dim=projection,
+      enable_fusion=bool(audio.get("enable_fusion", False)),
+      aff_block_r=audio.get("aff_block_r", 4))
   t = TextSettings(
       vocab_size=text.get("vocab_size", 50265), hidden_size=text.get("hidden_size", 768),
       num_layers=text.get("num_hidden_layers", 12), num_heads=text.get("num_attention_heads", 12),
@@ -240,8 +254,48 @@ class PatchMerging(nnx.Module):
     return self.reduction(self.norm(merged.reshape(b, -1, 4 * c)))
 
 
+class BatchNorm(nnx.Module):
+  """Inference BatchNorm over the last axis (torch's BatchNorm2d in eval mode, eps 1e-5)."""
+
+  def __init__(self, dim: int):
+    self.mean = nnx.Variable(jnp.zeros((dim,)))
+    self.var = nnx.Variable(jnp.ones((dim,)))
+    self.scale = nnx.Param(jnp.ones((dim,)))
+    self.bias = nnx.Param(jnp.zeros((dim,)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = (x - self.mean[...]) * jax.lax.rsqrt(self.var[...] + 1e-5)
+    return x * self.scale[...] + self.bias[...]
+
+
+class FusionBlock(nnx.Module):
+  """Attentional feature fusion of two [B, H, W, C] maps (transformers' ClapAudioAFFBlock)."""
+
+  def __init__(self, channels: int, reduction: int, *, rngs: nnx.Rngs):
+    inner = int(channels // reduction)
+    self.local1 = common.Conv2D(channels, inner, 1, rngs=rngs)
+    self.local_bn1 = BatchNorm(inner)
+    self.local2 = common.Conv2D(inner, channels, 1, rngs=rngs)
+    self.local_bn2 = BatchNorm(channels)
+    self.global1 = common.Conv2D(channels, inner, 1, rngs=rngs)
+    self.global_bn1 = BatchNorm(inner)
+    self.global2 = common.Conv2D(inner, channels, 1, rngs=rngs)
+    self.global_bn2 = BatchNorm(channels)
+
+  def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
+    both = x + residual
+    local = self.local_bn2(self.local2(jax.nn.relu(self.local_bn1(self.local1(both)))))
+    pooled = jnp.mean(both, axis=(1, 2), keepdims=True)
+    glob = self.global_bn2(self.global2(jax.nn.relu(self.global_bn1(self.global1(pooled)))))
+    weight = jax.nn.sigmoid(local + glob)
+    return 2 * x * weight + 2 * residual * (1 - weight)
+
+
 class ClapAudioTower(nnx.Module):
-  """Log-mel features [B, 1, T, M] -> pooled features [B, patch_dim * 2^(stages-1)]."""
+  """Log-mel features [B, C, T, M] -> pooled features [B, patch_dim * 2^(stages-1)].
+
+  C is 1, or 4 for fused checkpoints (whole clip, then three chunks).
+  """
 
   def __init__(self, s: AudioSettings, *, rngs: nnx.Rngs):
     self.s = s
@@ -256,6 +310,12 @@ class ClapAudioTower(nnx.Module):
     self.bn_bias = nnx.Param(jnp.zeros((m,)))
     self.patch = common.Conv2D(1, s.patch_dim, s.patch_size, stride=s.patch_stride, rngs=rngs)
     self.patch_norm = LayerNorm(s.patch_dim, eps=1e-5, rngs=rngs) if s.patch_norm else None
+    if s.enable_fusion:
+      p = s.patch_size
+      self.chunk_patch = common.Conv2D(1, s.patch_dim, (p, 3 * p), stride=(p, 3 * p), rngs=rngs)
+      self.fusion = FusionBlock(s.patch_dim, s.aff_block_r, rngs=rngs)
+    else:
+      self.chunk_patch = self.fusion = None
     grid = s.spec_size // s.patch_stride
     stages, merges = [], []
     for i, (depth, heads) in enumerate(zip(s.depths, s.num_heads)):
@@ -270,25 +330,43 @@ class ClapAudioTower(nnx.Module):
     self.norm = LayerNorm(self.width, eps=s.layer_norm_eps, rngs=rngs)
 
   def to_image(self, features: jax.Array) -> jax.Array:
-    """[B, 1, T, M] normalized mel -> [B, spec_size, spec_size, 1] (frequency rows, time cols)."""
+    """[B, C, T, M] normalized mel -> [B, spec_size, spec_size, C] (frequency rows, time cols)."""
     s, r = self.s, self.freq_ratio
-    b, _, frames, mels = features.shape
+    b, channels, frames, mels = features.shape
     spec_width = s.spec_size * r
     if frames > spec_width or mels != s.num_mel_bins:
       raise ValueError(f"CLAP: input features [.., {frames}, {mels}] must have <= {spec_width} "
                        f"frames and {s.num_mel_bins} mel bins")
-    x = features[:, 0]  # [B, T, M]
+    x = features
     if frames < spec_width:
-      x = jnp.einsum("ot,btm->bom", bicubic_matrix(frames, spec_width).astype(np.float32), x,
+      x = jnp.einsum("ot,bctm->bcom", bicubic_matrix(frames, spec_width).astype(np.float32), x,
                      precision="highest")
     # r consecutive time chunks of spec_size frames, each [spec_size, M], stacked along frequency.
-    x = x.reshape(b, r, s.spec_size, mels).transpose(0, 1, 3, 2).reshape(b, r * mels, s.spec_size)
-    return x[..., None]
+    x = x.reshape(b, channels, r, s.spec_size, mels).transpose(0, 1, 2, 4, 3)
+    return x.reshape(b, channels, r * mels, s.spec_size).transpose(0, 2, 3, 1)
 
-  def __call__(self, features: jax.Array) -> jax.Array:
+  def embed_patches(self, image: jax.Array, is_longer: jax.Array | None) -> jax.Array:
+    """[B, S, S, C] -> [B, S/p, S/p, D]; fused models mix in the chunks of `is_longer` clips."""
+    x = self.patch(image[..., :1])
+    if self.fusion is None or is_longer is None:
+      return x
+    b, height, width, dim = x.shape
+    chunks = image[..., 1:].transpose(0, 3, 1, 2)[..., None]  # [B, 3, S, S, 1]
+    local = self.chunk_patch(chunks.reshape(-1, *chunks.shape[2:]))  # [B*3, h, w', D]
+    local = local.reshape(b, 3, *local.shape[1:]).transpose(0, 2, 1, 3, 4)  # [B, h, 3, w', D]
+    local = local.reshape(b, height, -1, dim)  # the chunks side by side in time
+    local = jnp.pad(local, ((0, 0), (0, 0), (0, width - local.shape[2]), (0, 0)))
+    longer = jnp.asarray(is_longer, bool).reshape(b, 1, 1, 1)
+    return jnp.where(longer, self.fusion(x, local), x)
+
+  def __call__(self, features: jax.Array, is_longer: jax.Array | None = None) -> jax.Array:
+    channels = 4 if self.fusion is not None else 1
+    if features.ndim != 4 or features.shape[1] != channels:
+      raise ValueError(f"CLAP: input features must be [B, {channels}, T, M] for this "
+                       f"{'fused' if channels == 4 else 'unfused'} model, got {features.shape}")
     bn = (features - self.bn_mean[...]) / jnp.sqrt(self.bn_var[...] + 1e-5)
     bn = bn * self.bn_scale[...] + self.bn_bias[...]  # per mel bin (the last axis)
-    x = self.patch(self.to_image(bn))
+    x = self.embed_patches(self.to_image(bn), is_longer)
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # tokens in (row, column) order
     if self.patch_norm is not None:
       x = self.patch_norm(x)
@@ -363,8 +441,10 @@ class Clap(nnx.Module):
     self.text = ClapTextTower(text, rngs=rngs)
     self.text_projection = Projection(text.hidden_size, text.projection_dim, rngs=rngs)
 
-  def get_audio_features(self, input_features: jax.Array) -> jax.Array:
-    return _l2_normalize(self.audio_projection(self.audio(input_features)))
+  def get_audio_features(self, input_features: jax.Array,
+                         is_longer: jax.Array | None = None) -> jax.Array:
+    """`is_longer` [B] (fused models): clips whose chunks are fused in; None: none of them."""
+    return _l2_normalize(self.audio_projection(self.audio(input_features, is_longer)))
 
   def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     return _l2_normalize(self.text_projection(self.text(input_ids, attention_mask)))
@@ -382,6 +462,17 @@ def _load_audio(tower: ClapAudioTower, state: dict[str, np.ndarray], prefix: str
   assign(tower.bn_bias, take(state, f"{prefix}.batch_norm.bias"), "batch_norm.bias")
   state.pop(f"{prefix}.batch_norm.num_batches_tracked", None)
   common.assign_conv(tower.patch, state, f"{prefix}.patch_embed.proj")
+  if tower.fusion is not None:
+    common.assign_conv(tower.chunk_patch, state, f"{prefix}.patch_embed.mel_conv2d")
+    f, p = tower.fusion, f"{prefix}.patch_embed.fusion_model"
+    # nn.Sequential indices: local (conv, BN, ReLU, conv, BN), global (pool, conv, BN, ReLU, ...)
+    for conv, bn, index in ((f.local1, f.local_bn1, "local_att.0"),
+                            (f.local2, f.local_bn2, "local_att.3"),
+                            (f.global1, f.global_bn1, "global_att.1"),
+                            (f.global2, f.global_bn2, "global_att.4")):
+      common.assign_conv(conv, state, f"{p}.{index}")
+      head, position = index.split(".")
+      _assign_batch_norm(bn, state, f"{p}.{head}.{int(position) + 1}")
   if tower.patch_norm is not None:
     _assign_norm(tower.patch_norm, state, f"{prefix}.patch_embed.norm")
   for i, stage in enumerate(tower.stages):
@@ -426,6 +517,14 @@ def _load_text(tower: ClapTextTower, state: dict[str, np.ndarray], prefix: str) 
   common.assign_dense(tower.pooler, state, f"{prefix}.pooler.dense")
 
 
+def _assign_batch_norm(norm: BatchNorm, state, prefix: str) -> None:
+  for ours, theirs in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
+                       ("var", "running_var")):
+    common.assign(getattr(norm, ours), common.take(state, f"{prefix}.{theirs}"),
+                  f"{prefix}.{theirs}")
+  state.pop(f"{prefix}.num_batches_tracked", None)
+
+
 def _assign_norm(norm: LayerNorm, state, prefix: str) -> None:
   common.assign(norm.scale, common.take(state, f"{prefix}.weight"), f"{prefix}.weight")
   common.assign(norm.bias, common.take(state, f"{prefix}.bias"), f"{prefix}.bias")
@@ -461,8 +560,12 @@ def load_clap(folder: str) -> Clap:
 
 
 # Jitted once per module, so every caller with the same shapes shares one compilation.
-audio_embeddings = nnx.jit(lambda model, features: model.get_audio_features(features))
+audio_embeddings = nnx.jit(
+    lambda model, features, is_longer=None: model.get_audio_features(features, is_longer))
 text_embeddings = nnx.jit(lambda model, ids, mask: model.get_text_features(ids, mask))
+
+
+FUSION_SEED = 0
 
 
 class ClapEncoders:
@@ -488,17 +591,52 @@ class ClapEncoders:
     audios = [np.asarray(a, np.float32) if sample_rate == target else
               librosa.resample(np.asarray(a, np.float32), orig_sr=sample_rate, target_sr=target)
               for a in audios]
+    extractor = self.processor.feature_extractor
+    out = []
+    if self.fused:
+      for i in range(0, len(audios), self.batch_size):
+        pairs = [self.fused_features(a) for a in audios[i:i + self.batch_size]]
+        features = np.stack([f for f, _ in pairs])
+        is_longer = np.array([longer for _, longer in pairs])
+        out.append(np.asarray(audio_embeddings(self.model, jnp.asarray(features),
+                                               jnp.asarray(is_longer))))
+      return np.concatenate(out)
     # The unfused recipe: repeat-pad short clips to max_length_s; longer ones are cut to their
     # first max_length_s here, so the extractor's random crop never runs (deterministic).
-    extractor = self.processor.feature_extractor
     audios = [a[:int(extractor.nb_max_samples)] for a in audios]
-    out = []
     for i in range(0, len(audios), self.batch_size):
       features = extractor(audios[i:i + self.batch_size], sampling_rate=target,
                            truncation="rand_trunc", padding="repeatpad",
                            return_tensors="np")["input_features"]
       out.append(np.asarray(audio_embeddings(self.model, jnp.asarray(features))))
     return np.concatenate(out)
+
+  @property
+  def fused(self) -> bool:
+    return self.model.audio.fusion is not None
+
+  def fused_features(self, audio: np.ndarray) -> tuple[np.ndarray, bool]:
+    """One clip's [4, T, M] mel and whether its chunks are fused in, by the original's "fusion"
+    recipe: clips up to max_length_s repeat-padded (4 copies of one mel); longer clips get the
+    whole mel shrunk to max_length_s plus 3 chunks from the front, middle and back thirds.
+
+    Two changes keep scores deterministic and independent of the batch: the random chunk starts
+    are drawn with numpy seed FUSION_SEED for each clip, and `is_longer` is the clip's own (the
+    extractor marks a random clip of a batch without long clips as longer, a training-time
+    device, which would fuse copies of the same mel into that clip's embedding).
+    """
+    extractor = self.processor.feature_extractor
+    limit, hop = int(extractor.nb_max_samples), int(extractor.hop_length)
+    # The extractor fuses when the whole clip's mel (1 + n // hop frames) outgrows a chunk.
+    longer = len(audio) > limit and len(audio) // hop != limit // hop
+    saved = np.random.get_state()
+    np.random.seed(FUSION_SEED)
+    try:
+      features = extractor([audio], sampling_rate=self.sample_rate, truncation="fusion",
+                           padding="repeatpad", return_tensors="np")["input_features"][0]
+    finally:
+      np.random.set_state(saved)
+    return np.asarray(features, np.float32), longer
 
   def text(self, texts: Sequence[str]) -> np.ndarray:
     out = []

@@ -6,8 +6,16 @@
 video: "pixels" (uint8 <-> [-1, 1]) or "sd_vae" (SD's KL autoencoder, scaled latents).
 audio: normalized log-mel (latent = (log-mel - config.mel.mean) / config.mel.std) and a vocoder:
   "griffin_lim" (no weights; the project's own MelCodec framing), or a pretrained "bigvgan" /
-  "hifigan", whose mel analysis is that vocoder's own function (mel_frontend.py), so that the
-  latents the model learns are the mels the vocoder was trained to invert.
+  "hifigan", used one of two ways (config.latent.vocoder_mel):
+    "bridge"  the latent is the project's MelCodec mel (config.data.sample_rate, config.mel), as
+              for griffin_lim; decoding maps it into the vocoder's own mel space (its rate, hop,
+              filterbank; mel_bridge.py), vocodes at the vocoder's rate and resamples the wave to
+              config.data.sample_rate. Any checkpoint fits any config.mel.
+    "native"  the latent is the vocoder's own mel function (mel_frontend.py) with config.mel's
+              settings, which must equal the checkpoint's: exact, but ties the data to the
+              vocoder's rate and framing. (The default of configs that lack the field.)
+  Decoded waves have exactly the clip's sample count: N * hop for N MelCodec frames, or
+  `num_samples` when given.
 
 Pretrained weights come from `avgen.pretrained.load(kind, source)`. Optional config fields
 (read with defaults, so older configs keep working):
@@ -16,10 +24,13 @@ Pretrained weights come from `avgen.pretrained.load(kind, source)`. Optional con
   latent.codec_dtype                            "float32" (default) or "bfloat16"
   latent.vae_frames_per_chunk                   frames per VAE call (default 8)
   latent.vocoder_chunk_frames                   mel frames per vocoder call (default 512)
+  latent.vocoder_mel                            "bridge" or "native" (default "native")
   latent.pretrained_cache_dir                   converted-weights cache (default: the loader's)
 """
 
 from __future__ import annotations
+
+import pathlib
 
 import numpy as np
 
@@ -30,10 +41,12 @@ from avgen.models.autoencoders.pixels import PixelCodec
 VIDEO_LATENTS = ("pixels", "sd_vae")
 AUDIO_LATENTS = ("mel",)
 VOCODERS = ("griffin_lim", "bigvgan", "hifigan")
+VOCODER_MELS = ("bridge", "native")
 
 
 class AudioCodec:
-  """Mel analysis plus a vocoder: encode wave [S] -> mel [N, n_mels]; decode back to [N * hop]."""
+  """Mel analysis plus a vocoder: encode wave [S] -> mel [N, n_mels]; decode back to a wave of
+  the analysis' sample count for N frames (N * hop for MelCodec), or of `num_samples`."""
 
   def __init__(self, mel, vocoder):
     self.mel = mel
@@ -48,8 +61,8 @@ class AudioCodec:
   def encode(self, wave: np.ndarray) -> np.ndarray:
     return self.mel.encode(wave)
 
-  def decode(self, latent: np.ndarray) -> np.ndarray:
-    return self.vocoder.decode(latent)
+  def decode(self, latent: np.ndarray, num_samples: int | None = None) -> np.ndarray:
+    return self.vocoder.decode(latent, num_samples=num_samples)
 
 
 class MelAnalysis:
@@ -73,6 +86,9 @@ class MelAnalysis:
   def num_frames(self, num_samples: int) -> int:
     return self.frontend.num_frames(num_samples)
 
+  def num_samples(self, num_frames: int) -> int:
+    return self.frontend.num_samples(num_frames)
+
   def encode(self, wave: np.ndarray) -> np.ndarray:
     """wave float [S] or [B, S] -> float32 [N, n_mels] or [B, N, n_mels]."""
     wave = np.asarray(wave)
@@ -94,11 +110,15 @@ class MelAnalysis:
 class NeuralVocoder:
   """A pretrained vocoder (BigVGAN / HiFi-GAN module) on normalized mel latents.
 
-  decode: latent [N, n_mels] or [B, N, n_mels] -> float32 wave [N * hop] or [B, N * hop], run in
-  time chunks of `chunk_frames` mel frames (same output as one pass; see chunking.py).
+  decode: latent [N, n_mels] or [B, N, n_mels] -> float32 wave [S] or [B, S] at
+  analysis.sample_rate, S = `num_samples` or analysis.num_samples(N). The vocoder runs in time
+  chunks of `chunk_frames` of its mel frames (same output as one pass; see chunking.py).
+  Without `bridge` the latent is the vocoder's own mel (analysis: MelAnalysis of its front end).
+  With a mel_bridge.MelBridge, the latent is the MelCodec `analysis`'s mel, mapped into the
+  vocoder's mel space first, and the wave is resampled from the vocoder's rate to ours.
   """
 
-  def __init__(self, module, analysis: MelAnalysis, chunk_frames: int = 512):
+  def __init__(self, module, analysis, chunk_frames: int = 512, bridge=None):
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
@@ -106,8 +126,12 @@ class NeuralVocoder:
 
     if chunk_frames < 1:
       raise ValueError(f"NeuralVocoder: chunk_frames must be >= 1, got {chunk_frames}")
-    self.analysis = analysis
+    self.analysis, self.bridge = analysis, bridge
+    self.sample_rate = analysis.sample_rate
     self.hop_length = module.hop_length
+    if bridge is not None and bridge.target.hop_length != module.hop_length:
+      raise ValueError(f"NeuralVocoder: the bridge's target hop {bridge.target.hop_length} is not "
+                       f"the vocoder's {module.hop_length} samples per frame")
     self.chunk_frames = int(chunk_frames)
     self.context_frames = module.context_frames()
     graphdef, state = nnx.split(module)
@@ -121,14 +145,30 @@ class NeuralVocoder:
 
     self._run = jax.jit(run)
 
-  def decode(self, latent: np.ndarray) -> np.ndarray:
+  def vocode(self, log_mel: np.ndarray) -> np.ndarray:
+    """The vocoder's own log-mel [B, N, M] -> float32 wave [B, N * hop] at its sample rate."""
+    return np.asarray(self._run(self._state, np.asarray(log_mel, np.float32)), np.float32)
+
+  def decode(self, latent: np.ndarray, num_samples: int | None = None) -> np.ndarray:
+    from avgen.models.autoencoders import mel_bridge  # pylint: disable=g-import-not-at-top
+
     log_mel = self.analysis.to_log_mel(latent)
     if log_mel.ndim == 2:
-      return self.decode(latent[None])[0]
+      return self.decode(latent[None], num_samples)[0]
     if log_mel.ndim != 3:
       raise ValueError(f"NeuralVocoder.decode: latent must be [N, n_mels] or [B, N, n_mels], got "
                        f"{log_mel.shape}")
-    return np.asarray(self._run(self._state, log_mel), np.float32)
+    frames = log_mel.shape[1]
+    if num_samples is None:
+      inverse = getattr(self.analysis, "num_samples", None)
+      num_samples = inverse(frames) if inverse else frames * self.analysis.hop_length
+    if num_samples < 1:
+      raise ValueError(f"NeuralVocoder.decode: num_samples must be >= 1, got {num_samples}")
+    if self.bridge is None:
+      # e.g. SpeechT5's centred frames: S // hop + 1 frames give (S // hop + 1) * hop samples.
+      return mel_bridge.fit_length(self.vocode(log_mel), num_samples)
+    wave = self.vocode(self.bridge(log_mel, num_samples))
+    return self.bridge.to_source_rate(wave, num_samples)
 
 
 class VAEVideoCodec:
@@ -180,9 +220,8 @@ def _latent_option(config, name: str, default):
 
 
 def _load(config, kind: str, source_field: str, check):
-  """The pretrained module; `check(module_config)` runs on its config.json before any weights."""
-  import pathlib  # pylint: disable=g-import-not-at-top
-
+  """(pretrained module, its resolved directory); `check(module_config)` runs on its config.json
+  before any weights are read."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
@@ -197,7 +236,7 @@ def _load(config, kind: str, source_field: str, check):
   path = hub.resolve(source, what=f"load({kind!r}) from config.latent.{source_field}",
                      cache_dir=root, patterns=getattr(mod, "HUB_PATTERNS", hub.DEFAULT_PATTERNS))
   check(nnx.eval_shape(lambda: mod.build(path, dtype)).config)
-  return pretrained.load(kind, path, dtype=dtype, cache_dir=cache_dir)
+  return pretrained.load(kind, path, dtype=dtype, cache_dir=cache_dir), path
 
 
 def _mismatch_error(what: str, pairs) -> None:
@@ -212,19 +251,30 @@ def build_video_codec(config):
   if kind == "pixels":
     return PixelCodec()
   if kind == "sd_vae":
-    vae = _load(config, "sd_vae", "video_source", lambda c: _mismatch_error("SD-VAE checkpoint", [
+    check = lambda c: _mismatch_error("SD-VAE checkpoint", [
         ("config.latent.video_channels", config.latent.video_channels, c.latent_channels),
-        ("config.latent.video_downsample", config.latent.video_downsample, c.downsample)]))
+        ("config.latent.video_downsample", config.latent.video_downsample, c.downsample)])
+    vae, _ = _load(config, "sd_vae", "video_source", check)
     return VAEVideoCodec(vae, _latent_option(config, "vae_frames_per_chunk", 8))
   raise ValueError(f"config.latent.video must be one of {VIDEO_LATENTS}, got {kind!r}")
+
+
+def vocoder_mel_mode(config) -> str:
+  """config.latent.vocoder_mel, checked: "bridge" or "native" (absent: "native")."""
+  mode = _latent_option(config, "vocoder_mel", "native")
+  if mode not in VOCODER_MELS:
+    raise ValueError(f"config.latent.vocoder_mel must be one of {VOCODER_MELS}, got {mode!r}")
+  return mode
 
 
 def build_mel_analysis(config):
   """The audio latent's analysis for `config`: MelCodec, or the chosen vocoder's own mel.
 
-  Needs no weights: a pretrained vocoder's analysis is built from config.mel / config.data,
-  and `build_audio_codec` checks those against the checkpoint. Data loaders and latent
-  precompute jobs should encode with this, so training mels match what the vocoder inverts.
+  MelCodec for griffin_lim and for pretrained vocoders with latent.vocoder_mel = "bridge"; the
+  vocoder's own mel function for "native". Needs no weights: a native analysis is built from
+  config.mel / config.data, and `build_audio_codec` checks those against the checkpoint. Data
+  loaders and latent precompute jobs should encode with this, so training mels match what the
+  decoder inverts.
   """
   from avgen.models.autoencoders import mel_frontend  # pylint: disable=g-import-not-at-top
 
@@ -233,6 +283,8 @@ def build_mel_analysis(config):
         f"config.latent.audio must be one of {AUDIO_LATENTS}, got {config.latent.audio!r}")
   vocoder, m, sr = config.latent.vocoder, config.mel, config.data.sample_rate
   if vocoder == "griffin_lim":
+    return MelCodec.from_config(config)
+  if vocoder in VOCODERS and vocoder_mel_mode(config) == "bridge":
     return MelCodec.from_config(config)
   if vocoder == "bigvgan":
     if m.log_floor != 1e-5:
@@ -271,16 +323,57 @@ def _check_vocoder(vocoder: str, c, analysis: MelAnalysis) -> None:
         ("config.mel.hop_length", analysis.hop_length, c.hop_length)])
 
 
+def vocoder_frontend(vocoder: str, module_config, path: pathlib.Path | None = None):
+  """The mel front end a pretrained vocoder was trained on, from its checkpoint's files.
+
+  BigVGAN's config.json holds its mel settings. SpeechT5HifiGan's config.json holds only the
+  rate, bins and hop; the rest comes from a preprocessor_config.json beside it (as
+  SpeechT5FeatureExtractor saves it) or, without one, SpeechT5's defaults: 64 ms window,
+  80-7600 Hz (capped at half the rate), log10 with floor 1e-10.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+
+  from avgen.models.autoencoders import mel_frontend  # pylint: disable=g-import-not-at-top
+
+  c = module_config
+  if vocoder == "bigvgan":
+    return mel_frontend.BigVGANMel.from_config(c)
+  extractor = path / "preprocessor_config.json" if path is not None else None
+  if extractor is not None and extractor.is_file():
+    frontend = mel_frontend.SpeechT5Mel.from_feature_extractor(json.loads(extractor.read_text()))
+  else:
+    sr = c.sampling_rate
+    frontend = mel_frontend.SpeechT5Mel(
+        sample_rate=sr, num_mel_bins=c.model_in_dim, hop_length=c.hop_length,
+        win_length=round(0.064 * sr), fmin=80.0, fmax=min(7600.0, sr / 2))
+  bad = [f"{name} {ours} but config.json's {field} {theirs}" for name, ours, field, theirs in [
+      ("sampling_rate", frontend.sample_rate, "sampling_rate", c.sampling_rate),
+      ("num_mel_bins", frontend.n_mels, "model_in_dim", c.model_in_dim),
+      ("hop_length (in samples)", frontend.hop_length, "prod(upsample_rates)", c.hop_length)]
+         if ours != theirs]
+  if bad:
+    raise ValueError(f"HiFi-GAN checkpoint {path}: preprocessor_config.json does not fit the "
+                     "generator: " + "; ".join(bad))
+  return frontend
+
+
 def build_audio_codec(config) -> AudioCodec:
+  from avgen.models.autoencoders import mel_bridge  # pylint: disable=g-import-not-at-top
+
   analysis = build_mel_analysis(config)
   vocoder = config.latent.vocoder
   if vocoder == "griffin_lim":
     return AudioCodec(analysis, GriffinLimVocoder(analysis, n_iter=config.mel.griffin_lim_iters))
-  module = _load(config, vocoder, "vocoder_source", lambda c: _check_vocoder(vocoder, c, analysis))
-  return AudioCodec(analysis, NeuralVocoder(
-      module, analysis, _latent_option(config, "vocoder_chunk_frames", 512)))
+  chunk_frames = _latent_option(config, "vocoder_chunk_frames", 512)
+  if vocoder_mel_mode(config) == "native":
+    module, _ = _load(config, vocoder, "vocoder_source",
+                      lambda c: _check_vocoder(vocoder, c, analysis))
+    return AudioCodec(analysis, NeuralVocoder(module, analysis, chunk_frames))
+  module, path = _load(config, vocoder, "vocoder_source", lambda c: None)
+  bridge = mel_bridge.MelBridge(analysis, vocoder_frontend(vocoder, module.config, path))
+  return AudioCodec(analysis, NeuralVocoder(module, analysis, chunk_frames, bridge=bridge))
 
 
 __all__ = ["AudioCodec", "GriffinLimVocoder", "MelAnalysis", "MelCodec", "NeuralVocoder",
            "PixelCodec", "VAEVideoCodec", "build_audio_codec", "build_mel_analysis",
-           "build_video_codec"]
+           "build_video_codec", "vocoder_frontend", "vocoder_mel_mode"]

@@ -24,13 +24,14 @@ class GriffinLimVocoder:
     self.momentum = float(momentum)
     self.seed = int(seed)
 
-  def decode(self, latent: np.ndarray) -> np.ndarray:
-    """latent [N, n_mels] or [B, N, n_mels] -> float32 wave [N * hop] or [B, N * hop] in [-1, 1]."""
+  def decode(self, latent: np.ndarray, num_samples: int | None = None) -> np.ndarray:
+    """latent [N, n_mels] or [B, N, n_mels] -> float32 wave [S] or [B, S] in [-1, 1], where
+    S = num_samples (cut or zero-padded) or N * hop."""
     import scipy.optimize  # pylint: disable=g-import-not-at-top
 
     mel = self.mel.to_mel_magnitude(latent)
     if mel.ndim == 3:
-      return np.stack([self.decode(x) for x in np.asarray(latent)])
+      return np.stack([self.decode(x, num_samples) for x in np.asarray(latent)])
     if mel.ndim != 2:
       raise ValueError(
           "GriffinLimVocoder.decode: latent must be [N, n_mels] or [B, N, n_mels], "
@@ -47,5 +48,9 @@ class GriffinLimVocoder:
       angles = rebuilt - (self.momentum / (1 + self.momentum)) * previous
       angles /= np.abs(angles) + 1e-12
       previous = rebuilt
-    wave = self.mel.istft(magnitude * angles)
-    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+    wave = np.clip(self.mel.istft(magnitude * angles), -1.0, 1.0).astype(np.float32)
+    if num_samples is None or num_samples == wave.shape[-1]:
+      return wave
+    if num_samples < 1:
+      raise ValueError(f"GriffinLimVocoder.decode: num_samples must be >= 1, got {num_samples}")
+    return np.pad(wave, (0, max(0, num_samples - wave.shape[-1])))[:num_samples]

@@ -79,6 +79,25 @@ class MelCodec:
   def num_frames(self, num_samples: int) -> int:
     return int(num_samples) // self.hop_length
 
+  def num_samples(self, num_frames: int) -> int:
+    """The samples that `num_frames` frames stand for (what a vocoder gives back)."""
+    return int(num_frames) * self.hop_length
+
+  def frame_times(self, num_frames: int) -> np.ndarray:
+    """Seconds at which each frame's window is centred: about (k + 1/2) * hop / sample_rate."""
+    centre = (self.n_fft - self.win_length) // 2 + self.win_length / 2 - self._pad_left
+    return (np.arange(num_frames) * self.hop_length + centre) / self.sample_rate
+
+  @property
+  def window_seconds(self) -> float:
+    return self.win_length / self.sample_rate
+
+  def filters_hz(self) -> np.ndarray:
+    """The mel filters as functions of frequency, sampled every 1 Hz: [n_mels, sr // 2 + 1]."""
+    import librosa  # pylint: disable=g-import-not-at-top
+    return librosa.filters.mel(sr=self.sample_rate, n_fft=self.sample_rate, n_mels=self.n_mels,
+                               fmin=self.fmin, fmax=self.fmax).astype(np.float64)
+
   def stft(self, wave: np.ndarray, num_frames: int) -> np.ndarray:
     """wave [..., S] -> complex [..., num_frames, n_fft // 2 + 1] in this codec's framing."""
     wave = np.asarray(wave, np.float64)
@@ -118,6 +137,15 @@ class MelCodec:
     magnitude = np.abs(self.stft(wave, num_frames))
     mel = magnitude @ self.mel_basis.T
     return ((np.log(np.maximum(mel, self.log_floor)) - self.mean) / self.std).astype(np.float32)
+
+  def to_log_mel(self, latent: np.ndarray) -> np.ndarray:
+    """Undo the normalization: latent [..., N, n_mels] -> natural-log mel, float32."""
+    latent = np.asarray(latent, np.float32)
+    if latent.ndim < 2 or latent.shape[-1] != self.n_mels:
+      raise ValueError(
+          f"MelCodec: mel latent must have shape [..., N, n_mels={self.n_mels}], "
+          f"got {latent.shape}")
+    return latent * np.float32(self.std) + np.float32(self.mean)
 
   def to_mel_magnitude(self, latent: np.ndarray) -> np.ndarray:
     """Undo the normalization and the log: latent [..., N, n_mels] -> mel magnitudes."""

@@ -85,6 +85,29 @@ class BigVGANMel:
   def num_frames(self, num_samples: int) -> int:
     return (int(num_samples) + 2 * self.pad - self.n_fft) // self.hop_length + 1
 
+  def num_samples(self, num_frames: int) -> int:
+    """The fewest samples that give `num_frames` frames (the inverse of num_frames)."""
+    return (int(num_frames) - 1) * self.hop_length + self.n_fft - 2 * self.pad
+
+  def frame_times(self, num_frames: int) -> np.ndarray:
+    """Seconds at which each frame's window is centred (frame k starts at k * hop - pad)."""
+    centre = (self.n_fft - self.win_length) // 2 + self.win_length / 2 - self.pad
+    return (np.arange(num_frames) * self.hop_length + centre) / self.sample_rate
+
+  @property
+  def window_seconds(self) -> float:
+    return self.win_length / self.sample_rate
+
+  def filters_hz(self) -> np.ndarray:
+    """The mel filters as functions of frequency, sampled every 1 Hz: [n_mels, sr // 2 + 1]."""
+    import librosa  # pylint: disable=g-import-not-at-top
+    return librosa.filters.mel(sr=self.sample_rate, n_fft=self.sample_rate, n_mels=self.n_mels,
+                               fmin=self.fmin, fmax=self.fmax).astype(np.float64)
+
+  def log(self, mel, xp=np):
+    """Mel magnitudes -> this front end's log-mel (natural log, clamped at 1e-5)."""
+    return xp.log(xp.maximum(mel, 1e-5))
+
   def check_length(self, num_samples: int) -> None:
     if num_samples <= self.pad or self.num_frames(num_samples) < 1:
       raise ValueError(f"BigVGANMel: a wave of {num_samples} samples is too short; reflect "
@@ -103,8 +126,7 @@ class BigVGANMel:
     x = xp.pad(x, [(0, 0)] * (x.ndim - 1) + [(self.pad, self.pad)], mode="reflect")
     spec = xp.fft.rfft(_frames(x, self.n_fft, self.hop_length) * self.window, axis=-1)
     magnitude = xp.sqrt(xp.square(spec.real) + xp.square(spec.imag) + 1e-9)
-    mel = magnitude @ self.mel_basis.T
-    return xp.log(xp.maximum(mel, 1e-5))
+    return self.log(magnitude @ self.mel_basis.T, xp)
 
 
 class SpeechT5Mel:
@@ -160,6 +182,32 @@ class SpeechT5Mel:
     half = self.win_length // 2
     return (int(num_samples) + 2 * half - self.win_length) // self.hop_length + 1
 
+  def num_samples(self, num_frames: int) -> int:
+    """The fewest samples that give `num_frames` frames (the inverse of num_frames)."""
+    half = self.win_length // 2
+    return max((int(num_frames) - 1) * self.hop_length + self.win_length - 2 * half, half + 1)
+
+  def frame_times(self, num_frames: int) -> np.ndarray:
+    """Seconds at which each frame's window is centred (frame k starts at k * hop - win // 2)."""
+    centre = self.win_length / 2 - self.win_length // 2
+    return (np.arange(num_frames) * self.hop_length + centre) / self.sample_rate
+
+  @property
+  def window_seconds(self) -> float:
+    return self.win_length / self.sample_rate
+
+  def filters_hz(self) -> np.ndarray:
+    """The mel filters as functions of frequency, sampled every 1 Hz: [n_mels, sr // 2 + 1]."""
+    from transformers.audio_utils import mel_filter_bank  # pylint: disable=g-import-not-at-top
+    return mel_filter_bank(
+        num_frequency_bins=self.sample_rate // 2 + 1, num_mel_filters=self.n_mels,
+        min_frequency=self.fmin, max_frequency=self.fmax, sampling_rate=self.sample_rate,
+        norm="slaney", mel_scale="slaney").T.astype(np.float64)
+
+  def log(self, mel, xp=np):
+    """Mel magnitudes -> this front end's log-mel (log10, clamped at mel_floor)."""
+    return xp.log10(xp.maximum(mel, self.mel_floor))
+
   def check_length(self, num_samples: int) -> None:
     if num_samples <= self.win_length // 2:
       raise ValueError(f"SpeechT5Mel: a wave of {num_samples} samples is too short; reflect "
@@ -179,4 +227,4 @@ class SpeechT5Mel:
     frames = _frames(x, self.win_length, self.hop_length)
     frames = xp.pad(frames, [(0, 0)] * (frames.ndim - 1) + [(0, self.n_fft - self.win_length)])
     magnitude = xp.abs(xp.fft.rfft(frames * self.window, axis=-1))
-    return xp.log10(xp.maximum(magnitude @ self.mel_filters, self.mel_floor))
+    return self.log(magnitude @ self.mel_filters, xp)
