@@ -48,28 +48,60 @@ def _values_and_grads(fn, q, k, v):
   return jax.jit(both)(q, k, v)
 
 
-def _assert_matches_reference(mesh, strategy, q, k, v, *, kv_lengths=None, mask=None, atol=2e-6):
+def _assert_matches_reference(mesh, strategy, q, k, v, *, kv_lengths=None, mask=None, atol=2e-6,
+                              impl="xla"):
   ours = _values_and_grads(
       lambda q, k, v: cp.context_parallel_attention(q, k, v, mesh=mesh, strategy=strategy,
-                                                    kv_lengths=kv_lengths, mask=mask, impl="xla"),
+                                                    kv_lengths=kv_lengths, mask=mask, impl=impl),
       q, k, v)
   ref = _values_and_grads(
       lambda q, k, v: xla_attention(q, k, v, kv_lengths=kv_lengths, mask=mask), q, k, v)
   np.testing.assert_allclose(ours[0], ref[0], atol=atol, rtol=0)
   for name, a, b in zip("qkv", ours[1], ref[1]):
     np.testing.assert_allclose(a, b, atol=atol, rtol=0, err_msg=f"d{name}")
-  return ref
+  return ours, ref
 
 
 def test_ring_equals_unsharded_attention_with_masks():
   q, k, v = _qkv(2, 30, 2, 8)  # 30 tokens over 4 devices: padded blocks, cut off again
   mask = _joint_mask(4, 6, 6, window=1.0, audio_sees_video=False)
   # Key padding inside a ring block, and a row that sees no key at all.
-  ref = _assert_matches_reference(_mesh(2, 1, 4, 1), "ring", q, k, v,
-                                  kv_lengths=jnp.array([27, 0]), mask=mask)
+  _, ref = _assert_matches_reference(_mesh(2, 1, 4, 1), "ring", q, k, v,
+                                     kv_lengths=jnp.array([27, 0]), mask=mask)
   # The masks are really in effect: the result differs from unmasked attention.
   assert not np.allclose(ref[0][0], xla_attention(q, k, v)[0], atol=1e-3)
   np.testing.assert_array_equal(ref[0][1], 0.0)
+
+
+def _uses_pallas_kernels(mesh, q, k, v, **kw):
+  """Whether the ring's forward and backward both run our flash kernels (not XLA einsums)."""
+  loss = lambda q, k, v: jnp.sum(cp.context_parallel_attention(q, k, v, mesh=mesh, **kw))
+  program = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+  return all(name in program for name in ("avgen_flash_fwd", "avgen_flash_dq", "avgen_flash_dkv"))
+
+
+def test_ring_with_pallas_blocks_equals_unsharded_attention_with_masks():
+  # The flash kernel (interpret mode) per block pair: 30 tokens over 4 devices (the last block
+  # padded), a window with audio queries blind to video keys, key padding inside a block, and a
+  # batch row that sees no key at all.
+  q, k, v = _qkv(2, 30, 2, 8, seed=8)
+  mask = _joint_mask(4, 6, 6, window=1.0, audio_sees_video=False)
+  mesh = _mesh(2, 1, 4, 1)
+  lengths = jnp.array([27, 0])
+  assert _uses_pallas_kernels(mesh, q, k, v, kv_lengths=lengths, mask=mask, impl="pallas")
+  ours, _ = _assert_matches_reference(mesh, "ring", q, k, v, kv_lengths=lengths, mask=mask,
+                                      impl="pallas", atol=1e-5)
+  np.testing.assert_array_equal(ours[0][1], 0.0)
+  for name, grad in zip("qkv", ours[1]):
+    assert np.all(np.isfinite(grad)), f"d{name} not finite"
+    np.testing.assert_array_equal(grad[1], 0.0, err_msg=f"d{name} of the row that sees no key")
+
+
+def test_ring_with_pallas_blocks_equals_unsharded_attention_without_mask():
+  q, k, v = _qkv(2, 30, 2, 8, seed=9)  # ragged: the ring's padding keys are the only mask
+  mesh = _mesh(1, 2, 2, 2)
+  assert _uses_pallas_kernels(mesh, q, k, v, impl="pallas")
+  _assert_matches_reference(mesh, "ring", q, k, v, impl="pallas", atol=1e-5)
 
 
 def test_all_to_all_equals_unsharded_attention_with_masks():

@@ -11,7 +11,8 @@ both compute warpgroups arrive on consumed[i] when done with it, which frees it 
 
 Supported here: bf16/fp16, head_dim a multiple of 64 up to 256, key padding and BlockMask rules.
 Dense-array masks go to the portable kernel (flash_pallas). Residuals and conventions match
-flash_pallas: base-2 logsumexp, +inf for rows that see no key.
+flash_pallas: base-2 logsumexp, +inf for rows that see no key; `block_forward` /
+`block_backward` run the passes alone for ring attention, as flash_pallas's do.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def refusal(q, k, mask) -> str | None:
     return f"dtype {q.dtype} (Mosaic GPU kernel takes bf16/fp16)"
   if q.shape[-1] % 64 or q.shape[-1] > 256:
     return f"head_dim {q.shape[-1]} (Mosaic GPU kernel takes multiples of 64 up to 256)"
-  if mask is not None and not isinstance(mask, masks_lib.BlockMask):
-    return "a dense mask array (Mosaic GPU kernel takes BlockMask rules)"
+  from avgen.kernels.attention import TokenRule  # noqa: PLC0415 - attention imports us lazily
+  if mask is not None and not isinstance(mask, (masks_lib.BlockMask, TokenRule)):
+    return "a dense mask array (Mosaic GPU kernel takes BlockMask / TokenRule rules)"
   return None
 
 
@@ -91,6 +93,40 @@ def _round_up(n, m):
 
 def flash_attention(q, k, v, *, kv_lengths=None, mask=None, config: Config | None = None):
   """Hopper flash attention; arguments as `avgen.kernels.attention`."""
+  spec, tables, pad = _prepare(q, k, v, kv_lengths, mask, config)
+  out = _attend(spec, pad(q, spec.lq), pad(k, spec.lk), pad(v, spec.lk), tables)
+  return out[:, :q.shape[1]]
+
+
+def block_forward(q, k, v, *, kv_lengths=None, mask=None, config: Config | None = None):
+  """The forward kernel alone, for one block of a larger attention (ring attention): returns
+  (out [b, lq, h, d], lse f32 [b, h, lq] in base 2, +inf for rows that see no key)."""
+  spec, tables, pad = _prepare(q, k, v, kv_lengths, mask, config)
+  out, lse = _forward(spec, pad(q, spec.lq), pad(k, spec.lk), pad(v, spec.lk), tables)
+  return out[:, :q.shape[1]], lse[:, :, :q.shape[1]]
+
+
+def block_backward(q, k, v, do, lse, delta, *, kv_lengths=None, mask=None,
+                   config: Config | None = None):
+  """The backward kernels alone, with the whole attention's lse (base 2, +inf: no key) and
+  delta = <dO, O> (f32 [b, h, lq]): returns this block's exact (dq, dk, dv)."""
+  spec, tables, pad = _prepare(q, k, v, kv_lengths, mask, config)
+  lq, lk = q.shape[1], k.shape[1]
+  rows = lambda x, fill: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, 0), (0, spec.lq - lq)),
+                                 constant_values=fill)
+  dq, dk, dv = _grads(spec, pad(q, spec.lq), pad(k, spec.lk), pad(v, spec.lk), pad(do, spec.lq),
+                      rows(lse, jnp.inf), rows(delta, 0.0), tables)
+  return dq[:, :lq], dk[:, :lk], dv[:, :lk]
+
+
+# Padding tokens of a TokenRule get times this far apart, so that a rule tested by time alone
+# (_Spec.window_only) still hides them.
+_FAR = 1e30
+
+
+def _prepare(q, k, v, kv_lengths, mask, config):
+  """Checks one call; returns its static _Spec, the mask and schedule tables, and pad(x, n)."""
+  from avgen.kernels.attention import TokenRule  # noqa: PLC0415 - attention imports us lazily
   why = refusal(q, k, mask)
   if why is not None:
     raise ValueError(f"attention: Mosaic GPU kernel cannot run this call: {why}")
@@ -100,10 +136,11 @@ def flash_attention(q, k, v, *, kv_lengths=None, mask=None, config: Config | Non
   c = _NUM_COMPUTE
   lq_p = _round_up(lq, math.lcm(c * cfg.block_q, c * cfg.dq_block_q, cfg.dkv_block_q))
   lk_p = _round_up(lk, math.lcm(cfg.block_k, cfg.dq_block_k, c * cfg.dkv_block_k))
-  block_mask = mask
-  if block_mask is not None and block_mask.shape != (lq, lk):
-    raise ValueError(f"attention: BlockMask is for (lq, lk)={block_mask.shape}, inputs have "
-                     f"{(lq, lk)}")
+  rule = mask if isinstance(mask, TokenRule) else None
+  block_mask = mask if rule is None else None
+  if mask is not None and mask.shape != (lq, lk):
+    raise ValueError(f"attention: {type(mask).__name__} is for (lq, lk)={mask.shape}, inputs "
+                     f"have {(lq, lk)}")
   kv_len = jnp.full((b,), lk, jnp.int32)
   if kv_lengths is not None:
     kv_lengths = jnp.asarray(kv_lengths)
@@ -113,9 +150,12 @@ def flash_attention(q, k, v, *, kv_lengths=None, mask=None, config: Config | Non
     kv_len = jnp.clip(kv_lengths.astype(jnp.int32), 0, lk)
 
   def sched(block_q, block_k, transpose=False):
-    cls = masks_lib.call_tile_classes(lq, lk, lq_p, lk_p, block_q, block_k,
-                                      kv_len=kv_len if kv_lengths is not None else None,
-                                      block_mask=block_mask)
+    lengths = kv_len if kv_lengths is not None else None
+    if rule is not None:
+      cls = rule.call_tile_classes(lq_p, lk_p, block_q, block_k, kv_len=lengths)
+    else:
+      cls = masks_lib.call_tile_classes(lq, lk, lq_p, lk_p, block_q, block_k, kv_len=lengths,
+                                        block_mask=block_mask)
     return masks_lib.tile_schedule(jnp.swapaxes(cls, -1, -2) if transpose else cls)
 
   tables = {
@@ -124,25 +164,33 @@ def flash_attention(q, k, v, *, kv_lengths=None, mask=None, config: Config | Non
       "sched_dq": sched(c * cfg.dq_block_q, cfg.dq_block_k),
       "sched_dkv": sched(cfg.dkv_block_q, c * cfg.dkv_block_k, transpose=True),
   }
+  pairs, window_only = None, None
   if block_mask is not None:
     qm, qt, km, kt = block_mask.token_arrays(lq_p, lk_p)
     tables["q_info"] = jnp.stack([jnp.asarray(qt), jnp.asarray(qm, jnp.float32)])  # [2, lq_p]
     tables["k_info"] = jnp.stack([jnp.asarray(kt), jnp.asarray(km, jnp.float32)])  # [2, lk_p]
-  window_only = None
-  if block_mask is not None and block_mask.allowed.all():
-    windows = np.unique(block_mask.window)
-    if windows.size == 1 and np.isfinite(windows[0]):
-      window_only = float(windows[0])
+    pairs = tuple(block_mask.pairs())
+    if block_mask.allowed.all():
+      windows = np.unique(block_mask.window)
+      if windows.size == 1 and np.isfinite(windows[0]):
+        window_only = float(windows[0])
+  if rule is not None:
+    grown = rule.padded(lq_p, lk_p)
+    m = rule.num_modalities
+    foreign = lambda mod: (mod < 0) | (mod >= m)
+    qt = jnp.where(foreign(grown.q_modality), -_FAR, grown.q_time)
+    kt = jnp.where(foreign(grown.k_modality), _FAR, grown.k_time)
+    tables["q_info"] = jnp.stack([qt, grown.q_modality.astype(jnp.float32)])
+    tables["k_info"] = jnp.stack([kt, grown.k_modality.astype(jnp.float32)])
+    pairs, window_only = tuple(rule.pairs), rule.window_only()
   spec = _Spec(b=b, h=h, lq=lq_p, lk=lk_p, d=d, scale=1.0 / math.sqrt(d), cfg=cfg,
-               pairs=tuple(block_mask.pairs()) if block_mask is not None else None,
-               window_only=window_only,
+               pairs=pairs, window_only=window_only,
                sched_b=tables["sched_fwd"].shape[0], sched_h=tables["sched_fwd"].shape[1])
 
   def pad(x, length):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
-  out = _attend(spec, pad(q, lq_p), pad(k, lk_p), pad(v, lk_p), tables)
-  return out[:, :lq]
+  return spec, tables, pad
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -158,6 +206,11 @@ def _attend_fwd(spec, q, k, v, tables):
 def _attend_bwd(spec, res, do):
   q, k, v, out, lse, tables = res
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
+  dq, dk, dv = _grads(spec, q, k, v, do, lse, delta, tables)
+  return dq, dk, dv, jax.tree.map(lambda _: None, tables)
+
+
+def _grads(spec, q, k, v, do, lse, delta, tables):
   # One [b, h, rows, lq] table per query row: lse, delta (and time, modality for the rule), so
   # each streamed query tile needs one extra TMA, not four.
   rows = [lse, delta]
@@ -167,7 +220,7 @@ def _attend_bwd(spec, res, do):
   q_rows = jnp.stack(rows, axis=2)
   dq = _backward_dq(spec, q, k, v, do, q_rows, tables)
   dk, dv = _backward_dkv(spec, q, k, v, do, q_rows, tables)
-  return dq, dk, dv, jax.tree.map(lambda _: None, tables)
+  return dq, dk, dv
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -13,7 +13,9 @@ Work plan (see masks.py for the tile classes and schedules):
 Rows that see no key write zeros (forward) and a logsumexp of +inf, which makes every
 probability of the row 0 in the backward, so their gradients are 0 rather than NaN.
 Lengths that are not multiples of the tiles are padded here; padded keys are invisible through
-the key-length check that every PARTIAL tile applies.
+the key-length check that every PARTIAL tile applies. `block_forward` / `block_backward` run the
+passes alone for one block of a larger attention (ring attention merges the blocks' outputs by
+their logsumexp and gives every block the merged logsumexp in the backward).
 """
 
 from __future__ import annotations
@@ -87,9 +89,52 @@ def flash_attention(q, k, v, *, kv_lengths=None, mask=None, block_sizes: BlockSi
                     interpret: bool | None = None, poison: bool = False):
   """Flash attention; see `avgen.kernels.attention` for the arguments.
 
-  mask: None, a `masks.BlockMask`, or a dense bool array [b|1, h|1, lq|1, lk].
+  mask: None, a `masks.BlockMask`, an `attention.TokenRule` (traced token tables), or a dense
+    bool array [b|1, h|1, lq|1, lk].
   poison: test hook; output buffers start as NaN so unwritten elements show.
   """
+  spec, tables, pad = _prepare(q, k, v, kv_lengths, mask, block_sizes, interpret, poison)
+  lq, d = q.shape[1], q.shape[3]
+  out = _attend(spec, pad(q, spec.lq), pad(k, spec.lk), pad(v, spec.lk), tables)
+  return out[:, :lq, :, :d]
+
+
+def block_forward(q, k, v, *, kv_lengths=None, mask=None, block_sizes: BlockSizes | None = None,
+                  interpret: bool | None = None, poison: bool = False):
+  """The forward kernel alone, for one block of a larger attention (ring attention).
+
+  Returns (out [b, lq, h, d] in q.dtype, lse f32 [b, h, lq]): lse in base 2 (log2 of the sum of
+  exp2 of the base-2 scaled logits), +inf for rows that see no key (whose out is 0).
+  """
+  spec, tables, pad = _prepare(q, k, v, kv_lengths, mask, block_sizes, interpret, poison)
+  lq, d = q.shape[1], q.shape[3]
+  out, lse = _forward(spec, pad(q, spec.lq), pad(k, spec.lk), pad(v, spec.lk), tables)
+  return out[:, :lq, :, :d], lse[:, :, :lq]
+
+
+def block_backward(q, k, v, do, lse, delta, *, kv_lengths=None, mask=None,
+                   block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+                   poison: bool = False):
+  """The backward kernels alone, for one block of a larger attention (ring attention).
+
+  lse (base 2, +inf: the row sees no key) and delta = <dO, O> (f32 [b, h, lq]) belong to the
+  whole attention, so the returned (dq, dk, dv) (in q.dtype) are this block's exact share.
+  """
+  spec, tables, pad = _prepare(q, k, v, kv_lengths, mask, block_sizes, interpret, poison)
+  lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
+  # Padded query rows see nothing (lse +inf), so they add nothing to dk, dv.
+  rows = lambda x, fill: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, 0), (0, spec.lq - lq)),
+                                 constant_values=fill)
+  qp, kp, vp, dop = pad(q, spec.lq), pad(k, spec.lk), pad(v, spec.lk), pad(do, spec.lq)
+  lse, delta = rows(lse, jnp.inf), rows(delta, 0.0)
+  dq = _backward_dq(spec, qp, kp, vp, dop, lse, delta, tables)
+  dk, dv = _backward_dkv(spec, qp, kp, vp, dop, lse, delta, tables)
+  return dq[:, :lq, :, :d], dk[:, :lk, :, :d], dv[:, :lk, :, :d]
+
+
+def _prepare(q, k, v, kv_lengths, mask, block_sizes, interpret, poison):
+  """Checks one call; returns its static _Spec, the mask tables, and pad(x, length)."""
+  from avgen.kernels.attention import TokenRule  # noqa: PLC0415 - attention imports us lazily
   b, lq, h, d = q.shape
   lk = k.shape[1]
   platform = jax.default_backend()
@@ -102,9 +147,14 @@ def flash_attention(q, k, v, *, kv_lengths=None, mask=None, block_sizes: BlockSi
   d_p = max(16, _next_pow2(d))
 
   block_mask = mask if isinstance(mask, masks_lib.BlockMask) else None
-  dense = None if mask is None or block_mask is not None else jnp.asarray(mask)
+  rule = mask if isinstance(mask, TokenRule) else None
+  dense = None if mask is None or block_mask is not None or rule is not None else \
+      jnp.asarray(mask)
   if block_mask is not None and block_mask.shape != (lq, lk):
     raise ValueError(f"attention: BlockMask is for (lq, lk)={block_mask.shape}, inputs have "
+                     f"{(lq, lk)}")
+  if rule is not None and rule.shape != (lq, lk):
+    raise ValueError(f"attention: TokenRule is for (lq, lk)={rule.shape}, inputs have "
                      f"{(lq, lk)}")
   if dense is not None:
     if dense.ndim != 4 or dense.shape[0] not in (1, b) or dense.shape[1] not in (1, h) or \
@@ -128,9 +178,12 @@ def flash_attention(q, k, v, *, kv_lengths=None, mask=None, block_sizes: BlockSi
     kv_len = jnp.clip(kv_lengths.astype(jnp.int32), 0, lk)
 
   def classes(block_q, block_k):
+    lengths = kv_len if kv_lengths is not None else None
+    if rule is not None:
+      return rule.call_tile_classes(lq_p, lk_p, block_q, block_k, kv_len=lengths)
     return masks_lib.call_tile_classes(
         lq, lk, lq_p, lk_p, block_q, block_k,
-        kv_len=kv_len if kv_lengths is not None else None, block_mask=block_mask, dense=dense)
+        kv_len=lengths, block_mask=block_mask, dense=dense)
 
   fwd_cls = classes(bs.block_q, bs.block_k)
   bwd_cls = classes(bs.block_q_bwd, bs.block_k_bwd)
@@ -140,24 +193,29 @@ def flash_attention(q, k, v, *, kv_lengths=None, mask=None, block_sizes: BlockSi
       "sched_dq": masks_lib.tile_schedule(bwd_cls),
       "sched_dkv": masks_lib.tile_schedule(jnp.swapaxes(bwd_cls, -1, -2)),
   }
+  pairs = None
   if block_mask is not None:
     qm, qt, km, kt = block_mask.token_arrays(lq_p, lk_p)
     tables.update(q_mod=jnp.asarray(qm), q_time=jnp.asarray(qt), k_mod=jnp.asarray(km),
                   k_time=jnp.asarray(kt))
+    pairs = tuple(block_mask.pairs())
+  if rule is not None:
+    grown = rule.padded(lq_p, lk_p)
+    tables.update(q_mod=grown.q_modality, q_time=grown.q_time, k_mod=grown.k_modality,
+                  k_time=grown.k_time)
+    pairs = tuple(rule.pairs)
   if dense is not None:
     tables["dense"] = dense.astype(jnp.int8)
 
   spec = _Spec(
-      b=b, h=h, lq=lq_p, lk=lk_p, d=d_p, scale=1.0 / math.sqrt(d), blocks=bs,
-      pairs=tuple(block_mask.pairs()) if block_mask is not None else None,
+      b=b, h=h, lq=lq_p, lk=lk_p, d=d_p, scale=1.0 / math.sqrt(d), blocks=bs, pairs=pairs,
       dense_shape=tuple(dense.shape[:3]) if dense is not None else None,
       sched_b=fwd_cls.shape[0], sched_h=fwd_cls.shape[1], interpret=interpret, poison=poison)
 
   def pad(x, length):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_p - d)))
 
-  out = _attend(spec, pad(q, lq_p), pad(k, lk_p), pad(v, lk_p), tables)
-  return out[:, :lq, :, :d]
+  return spec, tables, pad
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -9,7 +9,9 @@ attend over all of it, chosen by `strategy` (proposed config field `model.contex
               compute, which does not depend on it, so XLA's scheduler can overlap the two.
               Partial results merge exactly through their per-block logsumexp (online softmax).
               The backward pass runs the ring again; each block's dK/dV travel with it and arrive
-              home after the last hop. Memory per device: O(l/n) keys; any head count.
+              home after the last hop. Memory per device: O(l/n) keys; any head count. Each block
+              pair runs `avgen.kernels.attention.attention_block_forward` / `_backward` (our
+              flash kernels with impl "pallas", the default on GPUs; XLA with "xla").
   all_to_all  (Ulysses) An all-to-all trades the sequence split for a head split: each device
               gets the whole sequence for h/n heads, runs `avgen.kernels.attention` (any backend,
               block-sparse masks included), and a second all-to-all trades back. Needs the heads
@@ -27,6 +29,7 @@ row that sees no key returns zeros, as `avgen.kernels.xla_attention` does.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Sequence
 
@@ -36,6 +39,8 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from avgen import kernels
+from avgen.kernels.attention import (BLOCK_IMPLS, IMPLS, TokenRule, attention_block_backward,
+                                     attention_block_forward)
 from avgen.kernels import masks as masks_lib
 from avgen.parallel import sharding
 
@@ -104,8 +109,9 @@ def context_parallel_attention(q, k, v, *, mesh: Mesh, strategy: str = "ring", k
     kv_lengths: optional int [b]; keys at index >= length are padding.
     mask: optional `masks.BlockMask` over (lq, lk) tokens (a dense bool mask is refused: it
       would need the whole [lq, lk] array on every device).
-    impl: kernel backend for the all_to_all strategy (see avgen.kernels.attention); the ring
-      computes its blocks with XLA, as it needs each block's logsumexp.
+    impl: kernel backend (see avgen.kernels.attention). The ring's blocks take "xla" or
+      "pallas" (`attention_block_forward`); "auto" is pallas on GPUs and xla elsewhere, and
+      "cudnn" (no logsumexp output) is treated as "auto".
     batch_axes, head_axes: mesh axes the batch and head dimensions are split over (dropped when
       they do not divide the dimension).
   """
@@ -148,13 +154,13 @@ def context_parallel_attention(q, k, v, *, mesh: Mesh, strategy: str = "ring", k
   args = (q, k, v, kv_lengths)
 
   if strategy == "ring":
-    pairs = None
+    rule = None
     if mask is not None:
       # Padding tokens get modality -1, which no pair allows; their tables split like the tokens.
       args += tuple(jnp.asarray(t) for t in mask.token_arrays(lq_pad, lk_pad))
       specs += (P(axis),) * 4
-      pairs = tuple(mask.pairs())
-    body = functools.partial(_ring_shard, axis=axis, n=n, pairs=pairs)
+      rule = (tuple(mask.pairs()), mask.num_modalities)
+    body = functools.partial(_ring_shard, axis=axis, n=n, rule=rule, impl=_ring_impl(impl))
   else:
     body = functools.partial(_all_to_all_shard, axis=axis, mask=_padded(mask, lq_pad, lk_pad),
                              impl=impl)
@@ -202,38 +208,28 @@ def _padded(mask: masks_lib.BlockMask | None, lq_pad: int, lk_pad: int):
   return masks_lib.BlockMask(grow(mask.q, lq_pad), grow(mask.k, lk_pad), mask.allowed, mask.window)
 
 
-def _visible(k_positions, kv_lengths, pairs, q_mod, q_time, k_mod, k_time):
-  """Bool [b|1, 1, lq, lk] for one block pair from its per-token data."""
-  visible = (k_positions[None, :] < kv_lengths[:, None])[:, None, None, :]
-  if pairs is None:
-    return visible
-  rule = jnp.zeros((q_mod.shape[0], k_mod.shape[0]), bool)
-  dt = jnp.abs(q_time[:, None] - k_time[None, :])  # float32, as masks.BlockMask.dense computes
-  for a, b, w in pairs:
-    rule |= (q_mod[:, None] == a) & (k_mod[None, :] == b) & (dt <= np.float32(w))
-  return visible & rule[None, None]
-
-
 # ---- ring
 
-def _ring_shard(q, k, v, kv_lengths, *tables, axis, n, pairs):
+def _ring_impl(impl: str) -> str:
+  if impl == "cudnn":
+    _log_once("context-parallel ring: impl='cudnn' returns no logsumexp for the blocks' merge; "
+              "the ring uses impl='auto' (pallas on GPUs, xla elsewhere)")
+    return "auto"
+  if impl not in BLOCK_IMPLS:
+    raise ValueError(f"context_parallel_attention: unknown impl {impl!r}; expected one of "
+                     f"{IMPLS}")
+  return impl
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+  logging.getLogger(__name__).warning(message)
+
+
+def _ring_shard(q, k, v, kv_lengths, *tables, axis, n, rule, impl):
   # (modality, time) of this device's query and key tokens; empty without a BlockMask.
   q_table, k_table = tuple(tables[:2]), tuple(tables[2:])
-  return _ring_attention(q, k, v, kv_lengths, q_table, k_table, axis, n, pairs)
-
-
-def _block_forward(q, k, v, visible, scale):
-  """One block pair: (normalized output f32 [b, lq, h, d], logsumexp f32 [b, h, lq])."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(visible, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  weights = jnp.exp(logits - row_max[..., None])
-  denom = jnp.sum(weights, axis=-1)
-  probs = weights / jnp.where(denom == 0, 1.0, denom)[..., None]
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  lse = jnp.where(denom == 0, -jnp.inf, jnp.log(jnp.where(denom == 0, 1.0, denom)) + row_max)
-  return out, lse
+  return _ring_attention(q, k, v, kv_lengths, q_table, k_table, axis, n, rule, impl)
 
 
 def _merge(out, lse, block_out, block_lse):
@@ -250,23 +246,24 @@ def _ring_perm(n):
   return [(j, (j + 1) % n) for j in range(n)]
 
 
-def _block_visible(axis, n, step, block, kv_lengths, pairs, q_table, k_table):
-  """The mask of this device's queries against the key block it holds after `step` hops (the
-  block came from device i - step, which fixes its global key positions)."""
+def _block_mask(axis, n, step, block, kv_lengths, rule, q_table, k_table):
+  """Key lengths and TokenRule of this device's queries against the key block it holds after
+  `step` hops. The block came from device i - step, so its keys start at global index
+  (i - step) * block: the global key lengths shift by that much."""
   source = (jax.lax.axis_index(axis) - step) % n
-  positions = source * block + jnp.arange(block)
-  if pairs is None:
-    return _visible(positions, kv_lengths, None, None, None, None, None)
-  return _visible(positions, kv_lengths, pairs, *q_table, *k_table)
+  lengths = jnp.clip(kv_lengths - source * block, 0, block)
+  if rule is None:
+    return lengths, None
+  pairs, num_modalities = rule
+  return lengths, TokenRule(*q_table, *k_table, pairs, num_modalities)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _ring_attention(q, k, v, kv_lengths, q_table, k_table, axis, n, pairs):
-  return _ring_forward(q, k, v, kv_lengths, q_table, k_table, axis, n, pairs)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _ring_attention(q, k, v, kv_lengths, q_table, k_table, axis, n, rule, impl):
+  return _ring_forward(q, k, v, kv_lengths, q_table, k_table, axis, n, rule, impl)[0]
 
 
-def _ring_forward(q, k, v, kv_lengths, q_table, k_table, axis, n, pairs):
-  scale = q.shape[-1] ** -0.5
+def _ring_forward(q, k, v, kv_lengths, q_table, k_table, axis, n, rule, impl):
   block = k.shape[1]
   out = jnp.zeros(q.shape, jnp.float32)
   lse = jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32)
@@ -274,43 +271,36 @@ def _ring_forward(q, k, v, kv_lengths, q_table, k_table, axis, n, pairs):
   for step in range(n):
     if step < n - 1:  # issued first: the transfer does not wait for this block's compute
       incoming = jax.lax.ppermute((kb, vb, tb), axis, _ring_perm(n))
-    visible = _block_visible(axis, n, step, block, kv_lengths, pairs, q_table, tb)
-    out, lse = _merge(out, lse, *_block_forward(q, kb, vb, visible, scale))
+    lengths, block_rule = _block_mask(axis, n, step, block, kv_lengths, rule, q_table, tb)
+    out, lse = _merge(out, lse, *attention_block_forward(
+        q, kb, vb, kv_lengths=lengths, mask=block_rule, impl=impl))
     if step < n - 1:
       kb, vb, tb = incoming
   return out.astype(q.dtype), lse
 
 
-def _ring_fwd(q, k, v, kv_lengths, q_table, k_table, axis, n, pairs):
-  out, lse = _ring_forward(q, k, v, kv_lengths, q_table, k_table, axis, n, pairs)
+def _ring_fwd(q, k, v, kv_lengths, q_table, k_table, axis, n, rule, impl):
+  out, lse = _ring_forward(q, k, v, kv_lengths, q_table, k_table, axis, n, rule, impl)
   return out, (q, k, v, kv_lengths, q_table, k_table, out, lse)
 
 
-def _ring_bwd(axis, n, pairs, residuals, d_out):
+def _ring_bwd(axis, n, rule, impl, residuals, d_out):
   q, k, v, kv_lengths, q_table, k_table, out, lse = residuals
-  scale = q.shape[-1] ** -0.5
   block = k.shape[1]
-  d_out = d_out.astype(jnp.float32)
-  # D_i = sum_j P_ij dP_ij = <dO_i, O_i>: the softmax-backward row term, the same for all blocks.
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out.astype(jnp.float32))
-  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]
   dq = jnp.zeros(q.shape, jnp.float32)
   kb, vb, tb = k, v, k_table
   dk_in = dv_in = None
   for step in range(n):
     if step < n - 1:
       incoming = jax.lax.ppermute((kb, vb, tb), axis, _ring_perm(n))
-    visible = _block_visible(axis, n, step, block, kv_lengths, pairs, q_table, tb)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, kb, preferred_element_type=jnp.float32) * scale
-    probs = jnp.where(visible, jnp.exp(logits - lse_safe), 0.0)
-    dv = jnp.einsum("bhqk,bqhd->bkhd", probs, d_out)
-    dp = jnp.einsum("bqhd,bkhd->bhqk", d_out, vb.astype(jnp.float32))
-    ds = probs * (dp - delta[..., None]) * scale
-    dq = dq + jnp.einsum("bhqk,bkhd->bqhd", ds, kb.astype(jnp.float32))
-    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(jnp.float32))
+    lengths, block_rule = _block_mask(axis, n, step, block, kv_lengths, rule, q_table, tb)
+    # With the merged out and lse every block's share of the gradients is exact.
+    dq_b, dk, dv = attention_block_backward(
+        q, kb, vb, out, lse, d_out, kv_lengths=lengths, mask=block_rule, impl=impl)
+    dq = dq + dq_b
     if dk_in is not None:
       dk, dv = dk + dk_in, dv + dv_in
-    # The block's gradient follows the block; after n hops it is back with its owner.
+    # The block's gradient follows the block (in float32); after n hops it is back home.
     dk_in, dv_in = jax.lax.ppermute((dk, dv), axis, _ring_perm(n))
     if step < n - 1:
       kb, vb, tb = incoming
