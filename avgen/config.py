@@ -126,6 +126,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   # latent spaces
   _require(c.latent.video in VIDEO_LATENTS, f"config.latent.video={c.latent.video!r} not in {VIDEO_LATENTS}")
   _require(c.latent.vocoder in VOCODERS, f"config.latent.vocoder={c.latent.vocoder!r} not in {VOCODERS}")
+  mu_dtype = c.train.get("adam_mu_dtype", "float32")
+  _require(mu_dtype in ("float32", "bfloat16"),
+           f"config.train.adam_mu_dtype={mu_dtype!r} not in ('float32', 'bfloat16')")
   vocoder_mel = c.latent.get("vocoder_mel", "native")
   _require(vocoder_mel in VOCODER_MELS,
            f"config.latent.vocoder_mel={vocoder_mel!r} not in {VOCODER_MELS}")

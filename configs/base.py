@@ -182,6 +182,7 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.weight_decay = 0.0 if demo else 0.01
   t.adam_b1 = 0.9
   t.adam_b2 = 0.99 if demo else 0.999
+  t.adam_mu_dtype = "float32"  # AdamW first moment: float32 | bfloat16 (half its memory)
   t.clip_norm = 1.0
   t.grad_accum = 1
   t.ema_decay = 0.99 if demo else 0.9999

@@ -61,6 +61,7 @@ def _demo():
     (lambda c: setattr(c.model, "align_window", 3), "model.align_window"),
     (lambda c: setattr(c.data, "modalities", ("video", "smell")), "data.modalities"),
     (lambda c: setattr(c.latent, "vocoder_mel", "resample"), "latent.vocoder_mel"),
+    (lambda c: setattr(c.train, "adam_mu_dtype", "float16"), "train.adam_mu_dtype"),
 ])
 def test_each_rule_names_its_field(edit, field):
   c = _demo()

@@ -35,9 +35,13 @@ def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def build_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  # The first moment tolerates bf16 (an average of gradients, themselves bf16-computed); the
+  # second moment stays f32: its small values set each parameter's step size.
+  mu_dtype = t.get("adam_mu_dtype", "float32")  # absent in older configs
   return optax.chain(
       optax.clip_by_global_norm(t.clip_norm),
-      optax.adamw(learning_rate_schedule(t), b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay),
+      optax.adamw(learning_rate_schedule(t), b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay,
+                  mu_dtype=jnp.dtype(mu_dtype)),
   )
 
 
