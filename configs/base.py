@@ -115,7 +115,9 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mo.context_parallel = "ring"  # ring | all_to_all: joint self-attention when mesh.context > 1
   mo.dtype = "float32" if demo else "bfloat16"  # compute dtype
   mo.param_dtype = "float32"
-  mo.remat = "none" if demo else "dots"  # none | full | dots
+  # What the DiT blocks keep for backward (avgen.config.REMAT): none | full | dots | dots_saveable
+  # | nothing_saveable | everything_saveable | save_attention_out | offload_dots (to host memory)
+  mo.remat = "none" if demo else "dots"
   mo.scan_layers = False  # DiT blocks as one nnx.scan (stacked params, one compiled block)
   # byte: trained with the model, nothing downloaded. clip_text / t5_encoder: frozen pretrained
   # encoders (text_width must equal theirs: 768 for CLIP ViT-L/14, 4096 for T5-v1.1-XXL).
@@ -191,6 +193,9 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.log_every = 20 if demo else 100
   t.max_nonfinite = 5  # consecutive non-finite steps before the run stops
+  # Keep the optimizer state in pinned host memory between steps (GPU/TPU; frees device memory
+  # of 2x the parameters for Adam at the cost of moving it in and out every step).
+  t.offload_optimizer = False
   if args.batch > 0:
     d.batch_size = args.batch
 
@@ -200,6 +205,13 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.context = 1
   c.mesh.tensor = 1
+  # Hybrid meshes: how many slices (TPU multislice) or hosts (GPU nodes) each axis spans over the
+  # slower data-center network; the axis then has (size above) x (this) devices, the sizes above
+  # counting devices inside one slice. Usually only dcn_data (or dcn_fsdp) > 1.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_context = 1
+  c.mesh.dcn_tensor = 1
   c.mesh.rules = (
       # activations
       ("batch", ("data", "fsdp")),

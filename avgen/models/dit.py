@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from avgen.config import REMAT
 from avgen.kernels import masks as masks_lib
 from avgen.models import rope as rope_lib
 from avgen.models.embeddings import AudioPatchEmbed, ModalityEmbedding, TimestepEmbedder, VideoPatchEmbed
@@ -30,7 +32,8 @@ from avgen.models.temporal_alignment import TemporalAlignment
 from avgen.parallel import context_parallel as cp_lib
 from avgen.parallel.sharding import constrain
 
-REMAT = ("none", "full", "dots")
+# Name of the joint self-attention's result in each block, for the "save_attention_out" policy.
+ATTENTION_OUT = "attention_out"
 
 
 class DiTOutput(NamedTuple):
@@ -81,6 +84,7 @@ class DiTBlock(nnx.Module):
     q, k = rope_lib.apply_rope(q, *rope), rope_lib.apply_rope(k, *rope)
     # Over the whole joint sequence: split over the mesh's context axis when it has one.
     o = cp_lib.attention(q, k, v, mask=mask, strategy=self.context_parallel, impl=self.attn[0].impl)
+    o = checkpoint_name(o, ATTENTION_OUT)
     return jnp.concatenate([attn.output(p) for attn, p in zip(self.attn, self._split(o))], 1)
 
   def __call__(self, x, c_video, c_audio, text, text_lengths, rope, mask=None) -> jax.Array:
@@ -111,9 +115,22 @@ def joint_window_mask(video_grid: tuple[int, int, int], patch_t: int, audio_timi
 
 
 def _remat_policy(mode: str):
-  if mode not in REMAT:
+  """The jax.checkpoint policy of `model.remat` (None: keep only the block's inputs)."""
+  policies = jax.checkpoint_policies
+  table = {
+      "none": None,  # not rematerialized at all (see trunk)
+      "full": None,
+      "nothing_saveable": policies.nothing_saveable,
+      "dots": policies.dots_with_no_batch_dims_saveable,
+      "dots_saveable": policies.dots_saveable,
+      "everything_saveable": policies.everything_saveable,
+      "save_attention_out": policies.save_only_these_names(ATTENTION_OUT),
+      # The saved matmul outputs wait in host memory (on platforms that have "pinned_host").
+      "offload_dots": policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+  }
+  if mode not in REMAT or mode not in table:
     raise ValueError(f"model.remat: unknown mode {mode!r}; expected one of {REMAT}")
-  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable if mode == "dots" else None
+  return table[mode]
 
 
 class AVDiT(nnx.Module):

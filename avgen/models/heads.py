@@ -77,6 +77,9 @@ class AudioHead(nnx.Module):
     return unpatchify_audio(self.final(x, c), self.patch)
 
 
+VIDEO_BATCH = ("batch", None, None, None, None)
+
+
 class Conv3D(nnx.Module):
   """3D conv over [B, T, h, w, C] with 'same' zero padding.
 
@@ -99,6 +102,9 @@ class Conv3D(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    # Split over the batch only: XLA sums the kernel gradient of a spatially split conv over the
+    # devices that replicate it too (x4 on a context-8 mesh; see avgen/parallel/sharding.py).
+    x = constrain(x, VIDEO_BATCH)
     k = self.kernel[...].astype(self.dtype)
     b, t, h, w, c = x.shape
     taps = k.shape[0]
@@ -108,7 +114,7 @@ class Conv3D(nnx.Module):
       frames = xp[:, j:j + t].reshape(b * t, h, w, c)
       y = y + jax.lax.conv_general_dilated(frames, k[j], window_strides=(1, 1), padding="SAME",
                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y.reshape(b, t, h, w, -1) + self.bias[...].astype(self.dtype)
+    return constrain(y.reshape(b, t, h, w, -1) + self.bias[...].astype(self.dtype), VIDEO_BATCH)
 
 
 class ConvBlock(nnx.Module):

@@ -17,7 +17,7 @@ from flax import nnx
 from avgen.kernels import attention
 from avgen.models import rope as rope_lib
 from avgen.parallel import context_parallel
-from avgen.parallel.sharding import constrain
+from avgen.parallel.sharding import constrain, param_for_compute
 
 Shape = int | Sequence[int]
 Names = Sequence[str | None]
@@ -56,6 +56,7 @@ class Dense(nnx.Module):
       init = nnx.initializers.xavier_uniform(
           in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
     self.kernel = param(rngs, init, self.in_shape + self.out_shape, names, param_dtype)
+    self.names = tuple(names)
     self.bias = (param(rngs, nnx.initializers.zeros_init(), self.out_shape, names[n_in:], param_dtype)
                  if use_bias else None)
     self.dtype = dtype
@@ -65,7 +66,8 @@ class Dense(nnx.Module):
     if x.shape[x.ndim - n_in:] != self.in_shape:
       raise ValueError(f"Dense: input {x.shape} does not end in {self.in_shape}")
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ())))
+    kernel = param_for_compute(self.kernel[...], self.names)  # gathered over fsdp
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -1,4 +1,10 @@
-"""Training state: parameters, optimizer, EMA, RNG, and how it is created sharded."""
+"""Training state: parameters, optimizer, EMA, RNG, and how it is created sharded.
+
+With `config.train.offload_optimizer` the optimizer state lives in pinned host memory between
+steps (its shardings carry memory_kind="pinned_host"); the step brings it to the device with
+`on_device` and its out_shardings put the new state back, so device memory holds the optimizer
+state only while the update runs.
+"""
 
 from __future__ import annotations
 
@@ -67,10 +73,46 @@ def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   return graphdef, rest, state
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh, rules) -> TrainState:
-  """NamedShardings for every leaf, from the logical names on the parameters (replicated else)."""
+OFFLOAD_MEMORY = "pinned_host"
+
+
+def check_offload_supported(devices=None) -> None:
+  """Raises if the devices have no pinned host memory to hold an offloaded optimizer state."""
+  devices = list(jax.devices() if devices is None else devices)
+  kinds = sorted({m.kind for m in devices[0].addressable_memories()})
+  if OFFLOAD_MEMORY not in kinds:
+    raise ValueError(
+        f"config.train.offload_optimizer=True needs {OFFLOAD_MEMORY!r} memory, but "
+        f"{devices[0].platform} devices offer {kinds}; set config.train.offload_optimizer=False")
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh, rules, *,
+                    offload_optimizer: bool = False) -> TrainState:
+  """NamedShardings for every leaf, from the logical names on the parameters (replicated else).
+
+  offload_optimizer: the optimizer state's shardings say pinned host memory (same layout).
+  """
   specs = nnx.get_partition_spec(abstract_state)
-  return sharding.tree_shardings(specs, mesh, rules, shapes=abstract_state)
+  shardings = sharding.tree_shardings(specs, mesh, rules, shapes=abstract_state)
+  if offload_optimizer:
+    check_offload_supported(mesh.devices.flat)
+    shardings = shardings.replace(opt_state=jax.tree.map(
+        lambda s: s.with_memory_kind(OFFLOAD_MEMORY), shardings.opt_state))
+  return shardings
+
+
+def on_device(state: TrainState, shardings: TrainState) -> TrainState:
+  """Inside the jitted step: the state with every leaf kept in host memory moved to the device.
+
+  Computing on host-memory arrays directly would run on the host (GPU: slowly, with a warning)
+  or fail; the step's out_shardings move the updated leaves back.
+  """
+  def one(x, s):
+    if getattr(s, "memory_kind", None) == OFFLOAD_MEMORY:
+      return jax.device_put(x, s.with_memory_kind("device"))
+    return x
+
+  return jax.tree.map(one, state, shardings)
 
 
 def create_sharded_state(config: ml_collections.ConfigDict, tx, mesh: Mesh, rules):
@@ -80,7 +122,8 @@ def create_sharded_state(config: ml_collections.ConfigDict, tx, mesh: Mesh, rule
   """
   seed_key = jax.random.key(config.train.seed)
   graphdef, rest, abstract = _abstract(config, tx, seed_key)
-  shardings = state_shardings(abstract, mesh, rules)
+  shardings = state_shardings(abstract, mesh, rules,
+                              offload_optimizer=bool(config.train.get("offload_optimizer", False)))
 
   def init(key):
     return init_state(config, tx, key)[2]

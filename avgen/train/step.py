@@ -23,7 +23,7 @@ from flax import nnx
 from avgen.diffusion import losses, objectives, timesteps
 from avgen.models import tokenizer
 from avgen.parallel import sharding
-from avgen.train.state import TrainState, ema_update, learning_rate_schedule
+from avgen.train.state import TrainState, ema_update, learning_rate_schedule, on_device
 
 METRIC_NAMES = (
     "loss", "loss_diffusion", "loss_video", "loss_audio", "loss_align", "loss_perceptual",
@@ -164,6 +164,7 @@ def make_train_step(config, graphdef, rest, tx: optax.GradientTransformation, me
     return grads, metrics
 
   def step_fn(state: TrainState, batch, text_params):
+    state = on_device(state, state_shardings)  # an offloaded optimizer state comes in
     rng = jax.random.wrap_key_data(state.rng)
     rng, step_rng = jax.random.split(rng)
     model_batch = {k: batch[k] for k in ("video", "audio", "text_ids", "text_mask")}

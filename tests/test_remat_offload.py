@@ -1,0 +1,159 @@
+"""Remat policies by name, and the optimizer state kept in pinned host memory between steps."""
+
+import contextlib
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import train_utils
+from avgen import config as config_lib
+from avgen.models import build_model, dit
+from avgen.models.tokenizer import ByteTokenizer
+from avgen.parallel import mesh as mesh_lib
+from avgen.train import state as state_lib
+from configs.base import get_base_config
+
+
+def _tiny(remat="none"):
+  c = get_base_config("demo")
+  c.data.num_frames, c.data.fps, c.data.audio_seconds = 4, 8, 0.5
+  c.data.height = c.data.width = 16
+  c.data.caption_max_len = 16
+  m = c.model
+  m.width, m.depth, m.num_heads = 32, 1, 2
+  m.audio_head_depth, m.video_head_depth, m.video_head_channels = 1, 1, 8
+  m.align_width = 16
+  m.text_width, m.text_depth, m.text_heads = 32, 1, 2
+  m.remat = remat
+  c.mel.n_mels = 16
+  return c
+
+
+def _trunk_inputs(config, batch=2):
+  rng = np.random.default_rng(0)
+  video = rng.normal(size=(batch, 4, 16, 16, 3)).astype(np.float32)
+  audio = rng.normal(size=(batch, 32, 16)).astype(np.float32)
+  t = np.array([0.3, 0.8], np.float32)[:batch]
+  text = rng.normal(size=(batch, 16, config.model.text_width)).astype(np.float32)
+  _, mask = ByteTokenizer(16)(["a red circle bounces", "beep"][:batch])
+  return tuple(map(jnp.asarray, (video, audio, t, t[::-1].copy(), text, mask)))
+
+
+def _perturbed_params(model, seed=1):
+  """Every parameter moved off its init, so zero-initialised gates and outputs carry gradient."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype),
+                      nnx.state(model, nnx.Param))
+
+
+def _trunk_loss(graphdef, rest, args):
+  def loss(params):
+    xv, xa, _, _ = nnx.merge(graphdef, params, rest).trunk(*args)
+    return jnp.mean(jnp.square(xv)) + jnp.mean(jnp.sin(xa))
+  return loss
+
+
+@pytest.fixture(scope="module")
+def results():
+  """Trunk loss and gradients under every policy, from one compile (one program per policy
+  would cost ~8x the compile time), at parameters moved off their init."""
+  params, losses = None, []
+  for policy in config_lib.REMAT:
+    config = _tiny(policy)
+    model = build_model(config, nnx.Rngs(0)).dit
+    params = _perturbed_params(model) if params is None else params
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    losses.append(jax.value_and_grad(_trunk_loss(graphdef, rest, _trunk_inputs(config))))
+  out = jax.jit(lambda p: [f(p) for f in losses])(params)
+  return params, dict(zip(config_lib.REMAT, out))
+
+
+@pytest.mark.parametrize("policy", [p for p in config_lib.REMAT if p != "none"])
+def test_remat_policy_gives_the_same_loss_and_gradients(results, policy):
+  _, by_policy = results
+  (ref_loss, ref_grads), (loss, grads) = by_policy["none"], by_policy[policy]
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_grads)) > 0
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads,
+               ref_grads)
+
+
+def _saved(policy, params, args) -> list[str]:
+  """What the backward pass keeps from the forward pass, one line per array (jax's listing)."""
+  model = build_model(_tiny(policy), nnx.Rngs(0)).dit
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  listing = io.StringIO()
+  with contextlib.redirect_stdout(listing):
+    jax.ad_checkpoint.print_saved_residuals(_trunk_loss(graphdef, rest, args), params)
+  return listing.getvalue().splitlines()
+
+
+def test_policies_keep_what_they_name(results):
+  """The names are wired: the attention output is kept by save_attention_out, not by full."""
+  params, _ = results
+  args = _trunk_inputs(_tiny())
+  named = lambda lines: [l for l in lines if f"named '{dit.ATTENTION_OUT}'" in l]
+  assert named(_saved("save_attention_out", params, args))
+  assert not named(_saved("full", params, args))
+  assert len(_saved("full", params, args)) < len(_saved("none", params, args))
+
+
+def test_unknown_remat_is_named():
+  c = _tiny("dotz")
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.remat='dotz'.*offload_dots"):
+    config_lib.validate(c, num_devices=1)
+  with pytest.raises(ValueError, match="model.remat"):
+    build_model(c, nnx.Rngs(0))
+
+
+def test_offload_option_is_validated():
+  c = train_utils.tiny_config()
+  del c.train["offload_optimizer"]  # the field is typed; a config from JSON need not be
+  c.train.offload_optimizer = "yes"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.train\.offload_optimizer"):
+    config_lib.validate(c, num_devices=1)
+
+
+def test_offload_fails_clearly_without_pinned_host_memory():
+  class NoHostMemory:
+    platform = "fakeaccel"
+
+    def addressable_memories(self):
+      return [type("Memory", (), {"kind": "device"})()]
+
+  with pytest.raises(ValueError, match=r"offload_optimizer=True needs 'pinned_host'.*fakeaccel"):
+    state_lib.check_offload_supported([NoHostMemory()])
+
+
+def test_offloaded_optimizer_shardings_say_pinned_host():
+  """Same layout as without offload, in host memory; parameters stay on the device. (Training
+  with it: tests/test_mesh_matrix.py runs its (2, 4, 1, 1) mesh with the offload on.)"""
+  config = train_utils.tiny_config()
+  config.mesh.data, config.mesh.fsdp = 1, 2
+  mesh = mesh_lib.build_mesh(config, jax.devices()[:2])
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  _, _, abstract = state_lib.abstract_state(config, state_lib.build_optimizer(config.train))
+  plain = state_lib.state_shardings(abstract, mesh, rules)
+  offloaded = state_lib.state_shardings(abstract, mesh, rules, offload_optimizer=True)
+  for p, o in zip(jax.tree.leaves(plain.opt_state), jax.tree.leaves(offloaded.opt_state)):
+    assert (p.memory_kind, o.memory_kind) == ("device", "pinned_host")
+    assert p.spec == o.spec
+  assert any("fsdp" in str(o.spec) for o in jax.tree.leaves(offloaded.opt_state))
+  assert jax.tree.leaves(plain.params) == jax.tree.leaves(offloaded.params)
+
+
+def test_on_device_moves_only_offloaded_leaves():
+  mesh = jax.make_mesh((2,), ("fsdp",), devices=jax.devices()[:2])
+  device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+  host = device.with_memory_kind("pinned_host")
+  shardings = {"opt": host, "params": device}
+  tree = jax.device_put({"opt": np.arange(4.0), "params": np.ones(4)}, shardings)
+  assert tree["opt"].sharding.memory_kind == "pinned_host"
+  out = jax.jit(lambda t: state_lib.on_device(t, shardings), in_shardings=(shardings,))(tree)
+  assert out["opt"].sharding.memory_kind == "device"
+  assert out["params"].sharding.memory_kind == "device"
+  np.testing.assert_array_equal(out["opt"], np.arange(4.0))
