@@ -20,6 +20,9 @@ TEXT_ENCODERS = ("byte", "clip_text", "t5_encoder")
 VIDEO_LATENTS = ("pixels", "sd_vae")
 VOCODERS = ("griffin_lim", "bigvgan", "hifigan")
 VOCODER_MELS = ("bridge", "native")  # how a pretrained vocoder reads the latent mel
+# model.adaln: each block's AdaLN projection ("per_block", DiT's AdaLN-Zero) or one projection
+# per modality shared by the blocks, each adding learned offsets ("single", PixArt-alpha).
+ADALN = ("per_block", "single")
 # model.remat: what the DiT blocks keep for the backward pass (avgen.models.dit maps each name to
 # a jax.checkpoint policy). "none": no remat; "full" / "nothing_saveable": keep only block inputs;
 # "dots": matmul outputs without batch dims (weights-only matmuls); "dots_saveable": every matmul;
@@ -159,6 +162,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   context_parallel = mo.get("context_parallel", "ring")  # absent in configs saved before it
   _require(context_parallel in CONTEXT_PARALLEL,
            f"config.model.context_parallel={context_parallel!r} not in {CONTEXT_PARALLEL}")
+  _require(mo.get("adaln", "per_block") in ADALN,
+           f"config.model.adaln={mo.get('adaln')!r} not in {ADALN}")
   _require(mo.attention_impl in IMPLS, f"config.model.attention_impl={mo.attention_impl!r}: unknown "
            f"attention impl; known: {IMPLS}")
   _require(mo.text_encoder in TEXT_ENCODERS,

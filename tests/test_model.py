@@ -353,3 +353,46 @@ def test_scanned_layers_equal_the_loop():
   g_loop["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
   assert float(jnp.max(jnp.abs(g_loop["blocks"]["mlp"][0]["fc1"]["kernel"]))) > 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), g_loop, g_scan)
+
+
+def test_adaln_single_is_per_block_adaln_with_tied_projections():
+  """adaLN-single computes what per-block AdaLN computes when every block's projection has the
+  shared kernel and the shared bias plus that block's offset (DiT blocks and audio head alike);
+  it starts as the identity too, and saves 6 x width^2 parameters per replaced projection."""
+  single = perturb(build_model(tiny_config(adaln="single", depth=2), nnx.Rngs(0)))
+  per_block = build_model(tiny_config(depth=2), nnx.Rngs(1))
+  s = nnx.to_pure_dict(nnx.state(single, nnx.Param))
+
+  def tied(shared, owner):
+    """Per-block AdaLN params equivalent to `owner`'s offsets on the `shared` projection."""
+    return {"proj": {"kernel": shared["proj"]["kernel"],
+                     "bias": shared["proj"]["bias"] + owner["offset"]}}
+
+  dit, head = s["dit"], s["dit"]["audio_head"]
+  for block in dit["blocks"].values():
+    block["adaln_v"] = tied(dit["blocks_adaln_v"], block["adaln_v"])
+    block["adaln_a"] = tied(dit["blocks_adaln_a"], block["adaln_a"])
+  for layer in head["layers"].values():
+    layer["adaln"] = tied(head["layers_adaln"], layer["adaln"])
+  del dit["blocks_adaln_v"], dit["blocks_adaln_a"], head["layers_adaln"]
+  state = nnx.state(per_block, nnx.Param)
+  nnx.replace_by_pure_dict(state, s)
+  nnx.update(per_block, state)
+
+  config = tiny_config(depth=2)
+  batch = inputs(config)
+  want, got = forward(per_block, batch), forward(single, batch)
+  assert float(jnp.std(want.video)) > 0 and float(jnp.std(want.audio)) > 0
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+  count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  w = config.model.width
+  replaced = 2 * config.model.depth + config.model.audio_head_depth  # AdaLN projections
+  projection = 6 * w * w + 6 * w
+  # per_block: `replaced` projections; single: 3 shared projections + an offset per block.
+  assert count(per_block) - count(single) == replaced * projection - 3 * projection - replaced * 6 * w
+
+  fresh_single = build_model(tiny_config(adaln="single"), nnx.Rngs(0))
+  out = forward(fresh_single, inputs(tiny_config(adaln="single")))
+  assert np.all(np.asarray(out.video) == 0) and np.all(np.asarray(out.audio) == 0)

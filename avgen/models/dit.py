@@ -27,7 +27,7 @@ from avgen.kernels import masks as masks_lib
 from avgen.models import rope as rope_lib
 from avgen.models.embeddings import AudioPatchEmbed, ModalityEmbedding, TimestepEmbedder, VideoPatchEmbed
 from avgen.models.heads import AudioHead, VideoHead
-from avgen.models.layers import ACT, MLP, AdaLN, Attention, Dense, LayerNorm, modulate
+from avgen.models.layers import ACT, MLP, AdaLN, Attention, Dense, LayerNorm, block_adaln, modulate
 from avgen.models.temporal_alignment import TemporalAlignment
 from avgen.parallel import context_parallel as cp_lib
 from avgen.parallel.sharding import constrain
@@ -48,13 +48,14 @@ class DiTBlock(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, mlp_ratio: float, text_width: int, num_video: int,
                *, rngs: nnx.Rngs, shared_weights: bool = True, qk_norm: bool = True, impl: str = "auto",
-               context_parallel: str = "ring", dtype=jnp.float32, param_dtype=jnp.float32):
+               context_parallel: str = "ring", adaln: str = "per_block", dtype=jnp.float32,
+               param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     copies = 1 if shared_weights else 2
     self.num_video = num_video
     self.context_parallel = context_parallel
-    self.adaln_v = AdaLN(width, width, 6, **kw)
-    self.adaln_a = AdaLN(width, width, 6, **kw)
+    self.adaln_v = block_adaln(adaln, width, 6, **kw)
+    self.adaln_a = block_adaln(adaln, width, 6, **kw)
     self.norm1 = LayerNorm(width, affine=False)
     self.norm_cross = LayerNorm(width, rngs=rngs, param_dtype=param_dtype)
     self.norm2 = LayerNorm(width, affine=False)
@@ -88,7 +89,9 @@ class DiTBlock(nnx.Module):
     return jnp.concatenate([attn.output(p) for attn, p in zip(self.attn, self._split(o))], 1)
 
   def __call__(self, x, c_video, c_audio, text, text_lengths, rope, mask=None) -> jax.Array:
-    """`mask`: None or the joint sequence's BlockMask (temporal window), static per shape."""
+    """`c_video`, `c_audio`: conditioning [B, D] (adaln "per_block") or the stack's modulation
+    vectors [B, 6, D] ("single"). `mask`: None or the joint sequence's BlockMask (temporal
+    window), static per shape."""
     length = x.shape[1]
     mods = [self._per_token(v, a, length) for v, a in zip(self.adaln_v(c_video), self.adaln_a(c_audio))]
     shift1, scale1, gate1, shift2, scale2, gate2 = mods
@@ -173,13 +176,17 @@ class AVDiT(nnx.Module):
     self.modality = ModalityEmbedding(m.width, rngs=rngs, param_dtype=param_dtype)
     self.t_embed_v = TimestepEmbedder(m.width, **kw)
     self.t_embed_a = TimestepEmbedder(m.width, **kw)
+    self.adaln = m.get("adaln", "per_block")  # absent in older checkpoints
+    if self.adaln == "single":  # one projection per modality for all blocks
+      self.blocks_adaln_v = AdaLN(m.width, m.width, 6, **kw)
+      self.blocks_adaln_a = AdaLN(m.width, m.width, 6, **kw)
     self.text_pool1 = Dense(m.text_width, m.width, ("embed", "mlp"), **kw)
     self.text_pool2 = Dense(m.width, m.width, ("mlp", "embed"), **kw)
     def make_block(rngs):
       return DiTBlock(m.width, m.num_heads, m.mlp_ratio, m.text_width, self.num_video,
                       shared_weights=m.shared_weights, qk_norm=m.qk_norm, impl=m.attention_impl,
-                      context_parallel=m.get("context_parallel", "ring"), rngs=rngs, dtype=dtype,
-                      param_dtype=param_dtype)
+                      context_parallel=m.get("context_parallel", "ring"), adaln=self.adaln,
+                      rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     self.scan_layers = bool(m.get("scan_layers", False))
     if self.scan_layers:
@@ -198,7 +205,7 @@ class AVDiT(nnx.Module):
                                 m.video_head_depth, **kw)
     self.audio_head = AudioHead(m.width, m.num_heads, m.audio_head_depth, m.audio_patch, mels,
                                 mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm, rope_theta=m.rope_theta,
-                                impl=m.attention_impl, **kw)
+                                impl=m.attention_impl, adaln=self.adaln, **kw)
 
   def pooled_text(self, text: jax.Array, text_mask: jax.Array) -> jax.Array:
     """Masked mean of the text states through a small MLP -> [B, width]."""
@@ -243,7 +250,10 @@ class AVDiT(nnx.Module):
       mask = joint_window_mask(self.grid, self.video_patch[0], self.audio_timing, self.attention_window)
 
     x = constrain(jnp.concatenate([xv, xa], 1), ACT)
-    context = (c_video, c_audio, text, text_lengths, rope)
+    cond_video, cond_audio = c_video, c_audio
+    if self.adaln == "single":
+      cond_video, cond_audio = self.blocks_adaln_v.vectors(c_video), self.blocks_adaln_a.vectors(c_audio)
+    context = (cond_video, cond_audio, text, text_lengths, rope)
 
     def apply(block, x):
       return block(x, *context, mask=mask)

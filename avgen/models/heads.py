@@ -19,7 +19,8 @@ from flax import nnx
 
 from avgen.models import rope as rope_lib
 from avgen.models.embeddings import unpatchify_audio, unpatchify_video
-from avgen.models.layers import ACT, MLP, AdaLN, Attention, Dense, LayerNorm, RMSNorm, modulate, param
+from avgen.models.layers import (ACT, MLP, AdaLN, Attention, Dense, LayerNorm, RMSNorm, block_adaln,
+                                 modulate, param)
 from avgen.parallel.sharding import constrain
 
 
@@ -27,15 +28,17 @@ class AdaLNBlock(nnx.Module):
   """x += g1 * Attn(modulate(norm(x))); x += g2 * MLP(modulate(norm(x))); modulation from c."""
 
   def __init__(self, width: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs,
-               qk_norm: bool = True, impl: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32):
+               qk_norm: bool = True, impl: str = "auto", adaln: str = "per_block", dtype=jnp.float32,
+               param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.adaln = AdaLN(width, width, 6, **kw)
+    self.adaln = block_adaln(adaln, width, 6, **kw)
     self.norm1 = LayerNorm(width, affine=False)
     self.attn = Attention(width, num_heads, qk_norm=qk_norm, impl=impl, **kw)
     self.norm2 = LayerNorm(width, affine=False)
     self.mlp = MLP(width, int(width * mlp_ratio), **kw)
 
   def __call__(self, x: jax.Array, c: jax.Array, rope) -> jax.Array:
+    """`c`: conditioning [B, D], or the stack's modulation vectors [B, 6, D] (adaln "single")."""
     shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)
     x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope_q=rope, rope_k=rope)
     x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -62,18 +65,22 @@ class AudioHead(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, depth: int, patch: int, n_mels: int, *,
                rngs: nnx.Rngs, mlp_ratio: float = 4.0, qk_norm: bool = True, rope_theta: float = 10000.0,
-               impl: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32):
+               impl: str = "auto", adaln: str = "per_block", dtype=jnp.float32,
+               param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.patch, self.head_dim, self.rope_theta = patch, width // num_heads, rope_theta
-    self.layers = nnx.List([AdaLNBlock(width, num_heads, mlp_ratio, qk_norm=qk_norm, impl=impl, **kw)
-                            for _ in range(depth)])
+    self.layers = nnx.List([AdaLNBlock(width, num_heads, mlp_ratio, qk_norm=qk_norm, impl=impl,
+                                       adaln=adaln, **kw) for _ in range(depth)])
+    # adaln "single": one projection for all layers (each adds its offsets).
+    self.layers_adaln = AdaLN(width, width, 6, **kw) if adaln == "single" and depth else None
     self.final = FinalLayer(width, patch * n_mels, ("embed", None), **kw)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     positions = np.arange(x.shape[1], dtype=np.float32)[:, None]
     rope = rope_lib.rope_tables(positions, (self.head_dim,), self.rope_theta)
+    cond = c if self.layers_adaln is None else self.layers_adaln.vectors(c)
     for layer in self.layers:
-      x = layer(x, c, rope)
+      x = layer(x, cond, rope)
     return unpatchify_audio(self.final(x, c), self.patch)
 
 
