@@ -8,16 +8,20 @@ empty tiles the pallas kernels skip). Backends:
   pallas our own flash kernels: Mosaic GPU (wgmma/TMA, warp-specialized) on Hopper for
          bf16/fp16 with head_dim in {64, 128, 192, 256} and no dense-array mask; the portable
          Pallas kernel (Triton) for everything else on NVIDIA GPUs; the same portable kernel
-         with interpret=True on the CPU (slow: for tests). No TPU kernel yet.
+         with interpret=True on the CPU (slow: for tests). On TPUs the Mosaic TPU kernel
+         (flash_tpu: bf16/f16/f32, head_dim <= 256, no dense-array mask; tests run it on the
+         CPU in TPU interpret mode).
   auto   on NVIDIA GPUs: pallas for a BlockMask (on Hopper always when the Mosaic kernel takes
          the call, elsewhere when it skips enough tiles), else cuDNN when it accepts the shape,
-         else xla; on other platforms xla. Logs once per fallback reason.
+         else xla; on TPUs pallas whenever flash_tpu takes the call, else xla; on other
+         platforms xla. Logs once per fallback reason.
 
 Block API (context-parallel ring attention computes one (query block, key block) pair at a time):
 `attention_block_forward` returns a block's output and its logsumexp (natural log, -inf for a row
 that sees no key), and `attention_block_backward` takes the whole attention's output and
 logsumexp, so per-block gradients sum to the exact ones. Masks for a block of a sharded sequence
 come as a `TokenRule` (a BlockMask rule whose token tables are arrays, traced ones included).
+Their `auto` is pallas on GPUs and on TPUs (where flash_tpu takes the call), xla elsewhere.
 """
 
 from __future__ import annotations
@@ -240,10 +244,22 @@ def _is_hopper() -> bool:
   return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
+def _tpu_refusal(q, k, mask) -> str | None:
+  from avgen.kernels import flash_tpu  # noqa: PLC0415 - heavy import
+  return flash_tpu.refusal(q, k, mask)
+
+
 def pallas_attention(q, k, v, *, kv_lengths=None, mask=None):
-  """Our flash kernels: Mosaic GPU on Hopper where it applies, else the portable kernel."""
-  from avgen.kernels import flash_mosaic_gpu, flash_pallas  # noqa: PLC0415 - heavy imports
+  """Our flash kernels: Mosaic GPU on Hopper where it applies, else the portable kernel; the
+  Mosaic TPU kernel on TPUs."""
+  from avgen.kernels import flash_mosaic_gpu, flash_pallas, flash_tpu  # noqa: PLC0415
   platform = jax.default_backend()
+  if platform == "tpu":
+    reason = flash_tpu.refusal(q, k, mask)
+    if reason is not None:
+      raise ValueError(f"attention: impl='pallas' on TPU cannot take {reason}; use impl='xla' "
+                       "or 'auto'")
+    return flash_tpu.flash_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
   if platform == "cpu":
     return flash_pallas.flash_attention(q, k, v, kv_lengths=kv_lengths, mask=mask, interpret=True)
   if platform != "gpu":
@@ -292,6 +308,12 @@ def attention(q, k, v, *, kv_lengths=None, mask=None, impl: str = "auto"):
     if reason is not None:
       raise ValueError(f"attention: impl='cudnn' cannot run here: {reason}")
     return cudnn_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
+  if jax.default_backend() == "tpu":
+    reason = _tpu_refusal(q, k, mask)
+    if reason is None:
+      return pallas_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
+    _log_once(f"attention(impl='auto') falls back to xla on TPU: {reason}")
+    return xla_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
   if jax.default_backend() == "gpu" and _auto_wants_pallas(q, k, mask):
     return pallas_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
   if reason is None:
@@ -319,7 +341,7 @@ _LN2 = math.log(2.0)
 _LOG2E = math.log2(math.e)
 
 
-def _check_block_call(name, q, k, v, impl):
+def _check_block_call(name, q, k, v, impl, mask=None):
   if impl not in BLOCK_IMPLS:
     raise ValueError(f"{name}: unknown impl {impl!r}; expected one of {BLOCK_IMPLS} (cuDNN "
                      "returns no logsumexp)")
@@ -327,7 +349,13 @@ def _check_block_call(name, q, k, v, impl):
     raise ValueError(f"{name}: want q [b,lq,h,d], k=v [b,lk,h,d]; got {q.shape}, {k.shape}, "
                      f"{v.shape}")
   if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    platform = jax.default_backend()
+    if platform == "tpu":
+      reason = _tpu_refusal(q, k, mask)
+      if reason is None:
+        return "pallas"
+      _log_once(f"{name}(impl='auto') falls back to xla on TPU: {reason}")
+    return "pallas" if platform == "gpu" else "xla"
   return impl
 
 
@@ -340,8 +368,14 @@ def _xla_logits(q, k, kv_lengths, mask):
 
 def _flash_module(q, k, mask):
   """The kernel module for a pallas block call and its extra arguments."""
-  from avgen.kernels import flash_mosaic_gpu, flash_pallas  # noqa: PLC0415 - heavy imports
+  from avgen.kernels import flash_mosaic_gpu, flash_pallas, flash_tpu  # noqa: PLC0415
   platform = jax.default_backend()
+  if platform == "tpu":
+    reason = flash_tpu.refusal(q, k, mask)
+    if reason is not None:
+      raise ValueError(f"attention block: impl='pallas' on TPU cannot take {reason}; use "
+                       "impl='xla' or 'auto'")
+    return flash_tpu, {}
   if platform == "cpu":
     return flash_pallas, {"interpret": True}
   if platform != "gpu":
@@ -367,8 +401,8 @@ def attention_block_forward(q, k, v, *, kv_lengths=None, mask=None, impl: str = 
     mask: None, a `TokenRule` or `masks.BlockMask` over (lq, lk), or a dense bool
       [b|1, h|1, lq|1, lk] (not taken by the Hopper kernel).
     impl: one of BLOCK_IMPLS: "xla" (the reference), "pallas" (Mosaic GPU on Hopper where it
-      takes the call, else the portable kernel; interpret mode on the CPU), "auto" (pallas on
-      GPUs, xla elsewhere).
+      takes the call, else the portable kernel; flash_tpu on TPUs; interpret mode on the CPU),
+      "auto" (pallas on GPUs and, where flash_tpu takes the call, TPUs; xla elsewhere).
 
   Returns:
     out: float32 [b, lq, h, d], softmax-weighted over this block's visible keys; 0 for a row
@@ -377,7 +411,7 @@ def attention_block_forward(q, k, v, *, kv_lengths=None, mask=None, impl: str = 
       keys; -inf for a row that sees none. (The kernels keep it in base 2 with +inf for such
       rows; this API converts.)
   """
-  impl = _check_block_call("attention_block_forward", q, k, v, impl)
+  impl = _check_block_call("attention_block_forward", q, k, v, impl, mask)
   _check_rule_shape("attention_block_forward", mask, q, k)
   if impl == "pallas":
     module, kw = _flash_module(q, k, mask)
@@ -415,7 +449,7 @@ def attention_block_backward(q, k, v, out, lse, d_out, *, kv_lengths=None, mask=
     float32 (dq [b, lq, h, d], dk [b, lk, h, d], dv [b, lk, h, d]); the pallas kernels round
     them to q.dtype first.
   """
-  impl = _check_block_call("attention_block_backward", q, k, v, impl)
+  impl = _check_block_call("attention_block_backward", q, k, v, impl, mask)
   _check_rule_shape("attention_block_backward", mask, q, k)
   b, lq, h, _ = q.shape
   if out.shape != q.shape or d_out.shape != q.shape or lse.shape != (b, h, lq):
