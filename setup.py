@@ -9,6 +9,9 @@ EXTRAS = {
     "pretrained": ["transformers>=5.0", "safetensors>=0.4", "huggingface_hub>=0.24"],
     # Real-video ingestion at scale (Apache Beam runners) and the TFDS builder over our shards.
     "beam": ["apache-beam>=2.60"],
+    # Ingestion from and to buckets: --input-dir/--output-dir gs://... or s3://... (fsspec).
+    "gcs": ["gcsfs>=2023.1"],
+    "s3": ["s3fs>=2023.1"],
     "tfds": ["tensorflow-datasets>=4.9", "importlib_resources>=6.0"],
     # Offline evaluation: optical flow (AV-Align), matrix square roots, plots, VGGish resampling.
     "eval": ["opencv-python-headless>=4.8", "scipy>=1.11", "soundfile>=0.12", "matplotlib>=3.8",
@@ -50,6 +53,7 @@ setup(
         "absl-py>=2.0",
         "tqdm>=4.66",
         "scenedetect-headless>=0.7.2,<0.8",  # scene-cut filter of the ingestion pipeline
+        "fsspec>=2023.1",  # ingestion inputs and outputs given as URLs (gs://, s3://)
         "flatbuffers>=24.0",  # jax.export serialization (exported inference)
     ],
     extras_require=EXTRAS,

@@ -8,10 +8,15 @@
   --Reshuffle--> write each shard --> rewrite the manifest, drop unclaimed clip files, stats
 
 Every step calls the functions the local run calls, on the same plan, so the shards are the
-same bytes. What the launcher reads (the input listing, the saved settings, the manifest) and
-what the workers write (clip files, shards, the manifest) are plain paths: on a cluster IN and
-OUT must be a file system that every worker mounts (NFS, a FUSE-mounted bucket). Object-store
-URLs (gs://, s3://) are not read directly.
+same bytes. IN and OUT are paths or fsspec URLs (`storage`): on a cluster, either a file system
+that every worker mounts (NFS) or a bucket (gs://, s3://) that every worker can reach, e.g.
+  python -m data_pipeline.preprocess --runner DataflowRunner --input-dir gs://b/videos \
+      --output-dir gs://b/out --project P --region R --temp_location gs://b/tmp \
+      --setup_file ./setup.py --requirements_file REQS  (REQS: gcsfs, for avgen[gcs])
+(imageio-ffmpeg brings the ffmpeg binary to the workers.)
+Workers copy each input to a local temporary file for ffmpeg and upload what they write.
+A memory:// URL (tests) is visible only inside one process: it works with the in-process
+DirectRunner (the default `direct_running_mode`), not with multi_processing workers.
 
 The manifest is assembled in one step on one worker, which holds every new record in memory.
 """
@@ -25,6 +30,7 @@ from data_pipeline import ingest
 from data_pipeline import manifest
 from data_pipeline import preprocess
 from data_pipeline import sharding
+from data_pipeline import storage
 from data_pipeline.preprocess_config import PreprocessConfig
 
 
@@ -36,7 +42,9 @@ def run(input_dir: str, output_dir: str, config: PreprocessConfig, *, mode: str 
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
 
-  output_dir = os.path.abspath(output_dir)
+  input_dir, output_dir = storage.normalize(input_dir), storage.normalize(output_dir)
+  if not storage.is_url(output_dir):
+    output_dir = os.path.abspath(output_dir)
   inputs, _, pending = preprocess.prepare(input_dir, output_dir, config, mode, samples_per_shard)
   rel_paths = [rel for _, rel in inputs]
   keep_clips = output_dir if mode in ("convert", "all") else None
@@ -85,7 +93,7 @@ def _plan(records: list[dict[str, Any]], output_dir: str, samples_per_shard: int
 
 
 def _write_shard(shard: dict[str, Any], output_dir: str) -> str:
-  return os.path.basename(sharding.write_shard(output_dir, shard))
+  return storage.basename(sharding.write_shard(output_dir, shard))
 
 
 def _finish(records: list[dict[str, Any]], output_dir: str, config: PreprocessConfig,

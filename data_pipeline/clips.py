@@ -16,22 +16,34 @@ Two ffmpeg processes read the file, one per stream, each writing raw samples to 
 Clip k covers [k * L, (k + 1) * L) seconds with L = num_frames / fps; a last part shorter than L
 is not a clip (its length is reported). ffmpeg logs at the error level to a file; every line
 there counts as a decode error (corrupt or truncated data).
+
+Each ffmpeg runs in a process group of its own, and is ended by signalling that group: with
+`timeout_s`, a watchdog kills both (SIGKILL) once that many seconds have passed since they
+started, whatever they are doing; the reads then end and `timed_out` is set. SIGKILL, because an
+ffmpeg blocked opening a FIFO ignores SIGTERM (its handler restarts the call).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import signal
 import subprocess
 import tempfile
+import threading
 from typing import Any, Iterator
 
 import numpy as np
 
 from avgen.sample import media
 from data_pipeline.preprocess_config import PreprocessConfig
+
+# How long a stopped ffmpeg (SIGTERM) gets to exit before it is killed, and how long a killed one
+# gets to be reaped (a process stuck in uninterruptible I/O cannot be; it is left behind, logged).
+_TERM_GRACE_S = 5.0
+_KILL_GRACE_S = 5.0
 
 
 @dataclasses.dataclass
@@ -69,11 +81,18 @@ class ClipDecoder:
   """Iterates over an input's clips; `close()` (or the `with` block) stops ffmpeg and sets
   `errors` (decode error lines), `video_seconds` and `audio_seconds` (decoded, at the target
   rates) and `stopped_early` (True when decoding stopped before the file's end: at the clip
-  limit, or when one stream ended while the other went on).
+  limit, or when one stream ended while the other went on). With `timeout_s`, ffmpeg is killed
+  that many seconds after the start and `timed_out` is True (the clips then end early).
   """
 
-  def __init__(self, path: str, header: dict[str, Any], config: PreprocessConfig):
+  def __init__(self, path: str, header: dict[str, Any], config: PreprocessConfig,
+               timeout_s: float | None = None):
     self._config = config
+    self.timeout_s = timeout_s
+    self.timed_out = False
+    self._lock = threading.Lock()
+    self._closing = False
+    self._timer: threading.Timer | None = None
     self._frames_read = 0
     self._samples_read = 0
     self._ended = False  # both streams read to their end
@@ -104,7 +123,12 @@ class ClipDecoder:
       for name, cmd in (("video", video_cmd), ("audio", audio_cmd)):
         self._logs[name] = open(os.path.join(self._tmp.name, f"{name}.log"), "w+b")
         self._procs[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                             stdout=subprocess.PIPE, stderr=self._logs[name])
+                                             stdout=subprocess.PIPE, stderr=self._logs[name],
+                                             start_new_session=True)
+      if timeout_s is not None:
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
     except BaseException:
       self.close()
       raise
@@ -176,6 +200,15 @@ class ClipDecoder:
       else:
         self._samples_read += rest // unit
 
+  def _expire(self) -> None:
+    """The watchdog: the time is up while decoding."""
+    with self._lock:
+      if self._closing or self._ended:
+        return
+      self.timed_out = True
+      for proc in self._procs.values():
+        _signal_group(proc, signal.SIGKILL)
+
   def _stop(self) -> None:
     if self._stopped:
       return
@@ -183,10 +216,13 @@ class ClipDecoder:
     # What ffmpeg logs from here on is about being stopped (broken pipes), not about the data.
     self._log_limits = {name: os.fstat(log.fileno()).st_size for name, log in self._logs.items()}
     for proc in self._procs.values():
-      if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+      _signal_group(proc, signal.SIGTERM)
 
   def close(self) -> None:
+    with self._lock:
+      self._closing = True
+    if self._timer is not None:
+      self._timer.cancel()
     if not self._procs and not self._logs:
       self._tmp.cleanup()
       return
@@ -195,12 +231,10 @@ class ClipDecoder:
     for name, proc in self._procs.items():
       if proc.stdout is not None:
         proc.stdout.close()
-      try:
-        code = proc.wait(timeout=60)
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        code = proc.wait()
-      if code != 0 and not self._stopped:
+      code = _reap(proc)
+      if code is None:
+        self.errors.append(f"{name} decoder: ffmpeg did not exit when killed")
+      elif code != 0 and not self._stopped and not self.timed_out:
         self.errors.append(f"{name} decoder: ffmpeg exited with code {code}")
     for name, log in self._logs.items():
       log.seek(0)
@@ -213,6 +247,32 @@ class ClipDecoder:
     self._tmp.cleanup()
     self.video_seconds = self._frames_read / self._config.fps
     self.audio_seconds = self._samples_read / self._config.sample_rate
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+  """Signals the process group of `proc` (started with start_new_session=True).
+
+  Not once `proc` is reaped: its group id could then name another process's group.
+  """
+  if proc.poll() is None:
+    try:
+      os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+      pass
+
+
+def _reap(proc: subprocess.Popen) -> int | None:
+  """Waits for a signalled ffmpeg, killing its group if it outlives the grace period."""
+  try:
+    return proc.wait(timeout=_TERM_GRACE_S)
+  except subprocess.TimeoutExpired:
+    _signal_group(proc, signal.SIGKILL)
+  try:
+    return proc.wait(timeout=_KILL_GRACE_S)
+  except subprocess.TimeoutExpired:
+    logging.error("ffmpeg (pid %d) survived SIGKILL (uninterruptible I/O?); left behind",
+                  proc.pid)
+    return None
 
 
 def _strip_address(line: str) -> str:

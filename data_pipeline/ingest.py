@@ -9,8 +9,15 @@ Checks run cheapest first, so a bad file costs no decoding:
   decoding: the clips, each scored and judged by the clip rules of `filters`; then no ffmpeg
   error lines beyond max_decode_errors (`decode_errors`), at least one whole clip (`too_short`)
   and at least one clip that passes every clip rule (else the rule most clips broke).
+The header probe and the decode run under time limits (`probe_timeout_s`, `decode_timeout`
+in `preprocess_config`): an input that outlasts one is killed and rejected with rule `timeout`.
 An exception in our own code becomes a rejection with rule `processing_error`, so one file
 cannot stop a run.
+
+An input given as a URL (gs://, s3://, see `storage`) is copied, with its caption sidecars, to a
+local temporary directory for ffmpeg and deleted when judged (a worker's disk holds one input at
+a time); an output dir given as a URL gets the clip file written locally, then uploaded.
+Messages name the URL, not the temporary copy.
 
 The record (one line of manifest.jsonl): path (relative to the input dir, '/'-separated), status
 ('accepted'/'rejected'), reason (None, or {rule, value, threshold, message}), clips (accepted
@@ -23,11 +30,15 @@ lines), clip_file (relative to the output dir, or None).
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
+import shutil
 import stat
+import subprocess
+import tempfile
 import traceback
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -36,6 +47,7 @@ from data_pipeline import captions
 from data_pipeline import clips as clips_lib
 from data_pipeline import filters
 from data_pipeline import schema
+from data_pipeline import storage
 from data_pipeline.preprocess_config import PreprocessConfig
 
 CLIP_DIR = "clips"
@@ -74,14 +86,16 @@ def process_input(path: str, rel_path: str, config: PreprocessConfig,
                   output_dir: str | None) -> dict[str, Any]:
   """Judges one input; with `output_dir`, writes its accepted clips to the record's clip_file."""
   record = new_record(rel_path)
+  local = path
   try:
-    _check_file(path)
-    header = _read_header(path, config)
-    record["header"] = _header_summary(header)
-    caption = captions.find_caption(path, header.get("tags", {}))
-    record["caption"] = {"source": caption["source"], "missing": not caption["caption"],
-                         "errors": caption["errors"]}
-    _decode_and_judge(path, rel_path, header, caption, config, output_dir, record)
+    with _local_copy(path) as (local, sidecar_errors):
+      _check_file(local)
+      header = _read_header(local, config)
+      record["header"] = _header_summary(header)
+      caption = captions.find_caption(local, header.get("tags", {}))
+      record["caption"] = {"source": caption["source"], "missing": not caption["caption"],
+                           "errors": sidecar_errors + caption["errors"]}
+      _decode_and_judge(local, rel_path, header, caption, config, output_dir, record)
   except Rejected as r:
     record["status"], record["reason"] = "rejected", r.reason()
   except Exception as e:  # pylint: disable=broad-except  (one file must not end the run)
@@ -92,7 +106,51 @@ def process_input(path: str, rel_path: str, config: PreprocessConfig,
         "message": f"{type(e).__name__}: {e} (at {os.path.basename(tb.filename)}:{tb.lineno})"}
   if record["status"] != "accepted":
     record["clip_file"] = None
+  if local != path:
+    _name_the_url(record, local, path)
   return record
+
+
+@contextlib.contextmanager
+def _local_copy(path: str) -> Iterator[tuple[str, list[str]]]:
+  """(a local path of the input, sidecar download errors): `path` itself unless it is a URL.
+
+  A URL's object and its caption sidecars are downloaded to a fresh temporary directory under
+  their own names (so `captions` finds them as beside a local file), deleted afterwards.
+  """
+  if not storage.is_url(path):
+    yield path, []
+    return
+  tmp = tempfile.mkdtemp(prefix="avgen_input_")
+  try:
+    local = os.path.join(tmp, storage.basename(path))
+    try:
+      storage.download(path, local)
+    except FileNotFoundError:
+      raise Rejected("missing", "object does not exist (removed after the input list was made)"
+                     ) from None
+    except Exception as e:  # pylint: disable=broad-except  (permissions, network, ...)
+      raise Rejected("unreadable", f"cannot download: {type(e).__name__}: {e}") from None
+    errors = []
+    for sidecar in captions.sidecar_paths(path):
+      try:
+        storage.download(sidecar, os.path.join(tmp, storage.basename(sidecar)))
+      except FileNotFoundError:
+        pass
+      except Exception as e:  # pylint: disable=broad-except  (reported; the caption search goes on)
+        errors.append(f"{storage.basename(sidecar)}: {type(e).__name__}: {e}")
+    yield local, errors
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _name_the_url(record: dict[str, Any], local: str, url: str) -> None:
+  """Replaces the temporary copy's path in messages by the input's URL."""
+  local = os.path.abspath(local)
+  fix = lambda text: text.replace(f"file:{local}", url).replace(local, url)
+  if record["reason"]:
+    record["reason"]["message"] = fix(record["reason"]["message"])
+  record["decode_errors"]["first"] = [fix(line) for line in record["decode_errors"]["first"]]
 
 
 def _check_file(path: str) -> None:
@@ -119,8 +177,13 @@ def _check_file(path: str) -> None:
 
 def _read_header(path: str, config: PreprocessConfig) -> dict[str, Any]:
   try:
-    header = media.probe_header(path)
+    # On expiry subprocess.run SIGKILLs ffmpeg: one process, which starts no others.
+    header = media.probe_header(path, timeout=config.probe_timeout_s)
   except media.MediaError as e:
+    if isinstance(e.__context__, subprocess.TimeoutExpired):  # raised `from None`, still there
+      raise Rejected("timeout", f"timeout: ffmpeg header probe exceeded "
+                     f"{config.probe_timeout_s:g} s (probe_timeout_s); ffmpeg was killed",
+                     threshold=config.probe_timeout_s) from None
     message = str(e).split(": ffmpeg ", 1)[-1]
     raise Rejected("not_media", f"ffmpeg {message}") from None
   video, audio = header["video"], header["audio"]
@@ -159,8 +222,9 @@ def _decode_and_judge(path, rel_path, header, caption, config, output_dir, recor
   scenes = filters.SceneCutCounter(config.scene_threshold, config.fps)
   failed_counts: collections.Counter = collections.Counter()
   failed_values: dict[str, list[float]] = collections.defaultdict(list)
+  limit = config.decode_timeout(header["duration"])
   try:
-    with clips_lib.ClipDecoder(path, header, config) as decoder:
+    with clips_lib.ClipDecoder(path, header, config, timeout_s=limit) as decoder:
       for clip in decoder:
         cuts = scenes.feed(clip.video)
         first = clip.index * config.num_frames
@@ -174,6 +238,13 @@ def _decode_and_judge(path, rel_path, header, caption, config, output_dir, recor
           failed_values[rule].append(scores[rule])
         if not failed and writer is not None:
           writer.write(_example(clip, scores, rel_path, caption, record["header"], config))
+    if decoder.timed_out:
+      media_seconds = config.decode_seconds(header["duration"])
+      raise Rejected("timeout", f"timeout: ffmpeg decode exceeded {limit:g} s (decode_timeout_s "
+                     f"{config.decode_timeout_s:g} + decode_timeout_per_second "
+                     f"{config.decode_timeout_per_second:g} x {media_seconds:g} s of media); "
+                     f"ffmpeg was killed after {len(record['clip_scores'])} clip(s)",
+                     threshold=round(limit, 4))
     errors = decoder.errors
     record["decode_errors"] = {"count": len(errors), "first": errors[:_MAX_ERROR_LINES]}
     record["video_seconds"] = round(decoder.video_seconds, 4)
@@ -238,13 +309,22 @@ def _example(clip, scores, rel_path, caption, header, config) -> dict[str, Any]:
 
 
 class _ClipWriter:
-  """Writes records under a hidden temporary name; `commit` renames it into place."""
+  """Writes records under a hidden temporary name; `commit` renames it into place.
+
+  For an output URL the file is written in a local temporary directory and `commit` uploads it
+  (`storage.put_atomic`: never visible half-written).
+  """
 
   def __init__(self, output_dir: str, rel_name: str):
     self.rel_name = rel_name
-    self.path = os.path.join(output_dir, rel_name)
-    directory, base = os.path.split(self.path)
-    os.makedirs(directory, exist_ok=True)
+    self.path = storage.join(output_dir, rel_name)
+    self._local_dir = None
+    if storage.is_url(output_dir):
+      self._local_dir = tempfile.mkdtemp(prefix="avgen_clips_")
+      directory, base = self._local_dir, storage.basename(self.path)
+    else:
+      directory, base = os.path.split(self.path)
+      os.makedirs(directory, exist_ok=True)
     self.tmp_path = os.path.join(directory, f".{base}.tmp")
     self._writer = None
 
@@ -258,7 +338,11 @@ class _ClipWriter:
   def commit(self) -> str:
     self._writer.close()
     self._writer = None
-    os.replace(self.tmp_path, self.path)
+    if self._local_dir is not None:
+      storage.put_atomic(self.tmp_path, self.path)
+      os.remove(self.tmp_path)
+    else:
+      os.replace(self.tmp_path, self.path)
     return self.rel_name
 
   def discard(self) -> None:
@@ -267,3 +351,5 @@ class _ClipWriter:
       self._writer = None
     if os.path.exists(self.tmp_path):
       os.remove(self.tmp_path)
+    if self._local_dir is not None:
+      shutil.rmtree(self._local_dir, ignore_errors=True)

@@ -5,6 +5,12 @@ killed keeps every finished input; a line cut short by the kill is dropped on th
 later line for the same path replaces an earlier one (an input judged by `--mode filter`, then
 converted). At the end of a run the file is rewritten (temporary name + rename) with exactly one
 line per input, sorted by path.
+
+An output dir given as a URL (gs://, s3://, see `storage`) cannot be appended to: there the
+records go to part objects under OUT/.manifest.parts/ instead (JSON lines, uploaded whole: at
+least every `_PART_RECORDS` records or `_PART_SECONDS` seconds, and when the run ends), which
+`read_manifest` reads after the manifest, in name (= time) order; the final rewrite replaces
+them. A kill loses at most the records not yet uploaded: those inputs are processed again.
 """
 
 from __future__ import annotations
@@ -12,22 +18,40 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
+import uuid
 from typing import Any, Iterable
 
+from data_pipeline import storage
 from data_pipeline.preprocess_config import PreprocessConfig
 
 MANIFEST_FILE = "manifest.jsonl"
 STATS_FILE = "stats.json"
+PARTS_DIR = ".manifest.parts"
+_PART_RECORDS = 64
+_PART_SECONDS = 30.0
 
 
 def read_manifest(output_dir: str) -> dict[str, dict[str, Any]]:
   """{path: record}, the last line for each path winning; a torn last line is ignored."""
-  path = os.path.join(output_dir, MANIFEST_FILE)
+  path = storage.join(output_dir, MANIFEST_FILE)
   records: dict[str, dict[str, Any]] = {}
+  if storage.is_url(output_dir):
+    parts_dir = storage.join(output_dir, PARTS_DIR)
+    for name in ([MANIFEST_FILE] if storage.exists(path) else []) + [
+        f"{PARTS_DIR}/{n}" for n in storage.listdir(parts_dir) if n.endswith(".jsonl")]:
+      _parse(storage.read_bytes(storage.join(output_dir, name)),
+             storage.join(output_dir, name), records)
+    return records
   if not os.path.exists(path):
     return records
   with open(path, "rb") as f:
     data = f.read()
+  _parse(data, path, records)
+  return records
+
+
+def _parse(data: bytes, path: str, records: dict[str, dict[str, Any]]) -> None:
   lines = data.split(b"\n")
   # Everything before the last newline is whole; what follows it was cut short.
   for number, line in enumerate(lines[:-1], 1):
@@ -39,7 +63,11 @@ def read_manifest(output_dir: str) -> dict[str, dict[str, Any]]:
       raise ValueError(f"{path}: line {number} is not JSON ({e}); the manifest was edited or "
                        "damaged") from None
     records[record["path"]] = record
-  return records
+
+
+def open_writer(output_dir: str) -> "ManifestWriter | PartWriter":
+  """The record appender of an output dir: a local file's, or a URL's (module doc)."""
+  return PartWriter(output_dir) if storage.is_url(output_dir) else ManifestWriter(output_dir)
 
 
 class ManifestWriter:
@@ -70,17 +98,51 @@ class ManifestWriter:
     self.close()
 
 
+class PartWriter:
+  """Buffers records and uploads them as part objects (an object store has no append)."""
+
+  def __init__(self, output_dir: str):
+    self.parts_dir = storage.join(output_dir, PARTS_DIR)
+    # Names sort by time, so a later run's parts win over an earlier run's.
+    self._prefix = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    self._count = 0
+    self._lines: list[bytes] = []
+    self._since = time.monotonic()
+
+  def append(self, record: dict[str, Any]) -> None:
+    if not self._lines:
+      self._since = time.monotonic()
+    self._lines.append(_dumps(record) + b"\n")
+    if (len(self._lines) >= _PART_RECORDS
+        or time.monotonic() - self._since >= _PART_SECONDS):
+      self.flush()
+
+  def flush(self) -> None:
+    if self._lines:
+      name = f"{self._prefix}-{self._count:06d}.jsonl"
+      storage.write_bytes(storage.join(self.parts_dir, name), b"".join(self._lines))
+      self._count += 1
+      self._lines = []
+
+  def close(self) -> None:
+    self.flush()
+
+  def __enter__(self) -> "PartWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()  # also on an exception: what finished is kept
+
+
 def write_manifest(output_dir: str, records: Iterable[dict[str, Any]]) -> str:
   """Rewrites the manifest atomically: one line per path, sorted by path."""
-  path = os.path.join(output_dir, MANIFEST_FILE)
+  path = storage.join(output_dir, MANIFEST_FILE)
   unique = {r["path"]: r for r in records}
-  tmp = os.path.join(output_dir, f".{MANIFEST_FILE}.tmp")
-  with open(tmp, "wb") as f:
-    for key in sorted(unique):
-      f.write(_dumps(unique[key]) + b"\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  storage.write_bytes(path, b"".join(_dumps(unique[key]) + b"\n" for key in sorted(unique)))
+  if storage.is_url(output_dir):
+    # Every part's records are in the manifest now (`records` holds every input's).
+    parts_dir = storage.join(output_dir, PARTS_DIR)
+    storage.remove([storage.join(parts_dir, n) for n in storage.listdir(parts_dir)])
   return path
 
 
@@ -120,18 +182,13 @@ def summarize(records: Iterable[dict[str, Any]], config: PreprocessConfig,
 
 
 def write_stats(output_dir: str, stats: dict[str, Any]) -> str:
-  path = os.path.join(output_dir, STATS_FILE)
-  tmp = os.path.join(output_dir, f".{STATS_FILE}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(stats, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  path = storage.join(output_dir, STATS_FILE)
+  storage.write_bytes(path, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
   return path
 
 
 def read_stats(output_dir: str) -> dict[str, Any]:
-  with open(os.path.join(output_dir, STATS_FILE), encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(storage.read_bytes(storage.join(output_dir, STATS_FILE)))
 
 
 def _whole_lines_length(path: str, chunk: int = 1 << 20) -> int:

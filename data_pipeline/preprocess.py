@@ -18,6 +18,9 @@ OUT/preprocess_config.json the settings (a later run on OUT must use the same).
 `--runner local` (the default) uses a process pool on this machine; any other value runs the same
 steps as an Apache Beam pipeline on that runner (`beam_pipeline`), with the remaining flags
 passed to Beam's PipelineOptions.
+
+IN and OUT may be local paths or fsspec URLs (gs://bucket/videos needs `avgen[gcs]`, s3:// needs
+`avgen[s3]`); `storage` says how files are copied in and out, and what stays atomic.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from data_pipeline import captions
 from data_pipeline import ingest
 from data_pipeline import manifest
 from data_pipeline import sharding
+from data_pipeline import storage
 from data_pipeline.preprocess_config import PreprocessConfig, check_saved_config
 
 MODES = ("filter", "convert", "shard", "all")
@@ -45,8 +49,11 @@ def discover_inputs(input_dir: str, exclude: str | None = None) -> list[tuple[st
   """[(path, path relative to input_dir with '/' separators)] of every input, sorted.
 
   Symlinks are not followed into directories: a symlink to a directory is an input of its own
-  (rejected as not a regular file), so it is visible rather than silently skipped.
+  (rejected as not a regular file), so it is visible rather than silently skipped. A URL lists
+  every object under its prefix (object stores have no symlinks); paths are then URLs.
   """
+  if storage.is_url(input_dir):
+    return _discover_url_inputs(input_dir, exclude)
   if not os.path.isdir(input_dir):
     raise ValueError(f"--input-dir {input_dir!r} is not a directory")
   exclude = os.path.realpath(exclude) if exclude else None
@@ -74,24 +81,56 @@ def discover_inputs(input_dir: str, exclude: str | None = None) -> list[tuple[st
   return sorted(found, key=lambda pr: pr[1])
 
 
-def needs_work(record: dict[str, Any] | None, mode: str, output_dir: str) -> bool:
-  """Whether an input with this manifest record must be (re)processed in `mode`."""
+def _discover_url_inputs(input_dir: str, exclude: str | None) -> list[tuple[str, str]]:
+  rels = storage.find_files(input_dir)
+  if exclude and storage.protocol(exclude) == storage.protocol(input_dir):
+    # The output dir inside the input dir is skipped, as for local paths.
+    _, root = storage.filesystem(input_dir)
+    _, out = storage.filesystem(exclude)
+    root, out = root.rstrip("/"), out.rstrip("/")
+    if out.startswith(root + "/"):
+      prefix = out[len(root) + 1:] + "/"
+      rels = [rel for rel in rels if not rel.startswith(prefix)]
+  names_by_dir: dict[str, set[str]] = {}
+  for rel in rels:
+    directory, _, name = rel.rpartition("/")
+    names_by_dir.setdefault(directory, set()).add(name)
+  found = []
+  for rel in rels:
+    if captions.is_sidecar(rel, names_by_dir[rel.rpartition("/")[0]]):
+      continue
+    found.append((storage.join(input_dir, rel), rel))
+  return found
+
+
+def needs_work(record: dict[str, Any] | None, mode: str, output_dir: str,
+               clip_names: set[str] | None = None) -> bool:
+  """Whether an input with this manifest record must be (re)processed in `mode`.
+
+  `clip_names`: the names in OUT/clips (one listing instead of a request per input on a
+  bucket); None looks each clip file up.
+  """
   if record is None:
     return True
   if mode == "filter" or record["status"] == "rejected":
     return False
   clip_file = record.get("clip_file")
-  return not clip_file or not os.path.exists(os.path.join(output_dir, clip_file))
+  if not clip_file:
+    return True
+  if clip_names is not None:
+    return clip_file.rsplit("/", 1)[-1] not in clip_names
+  return not storage.exists(storage.join(output_dir, clip_file))
 
 
 def run_local(input_dir: str, output_dir: str, config: PreprocessConfig, *, mode: str = "all",
               samples_per_shard: int = 1000, num_workers: int = 0, progress: bool = True
               ) -> dict[str, Any]:
   """The whole job on this machine; returns the stats (also in OUT/stats.json)."""
+  input_dir, output_dir = storage.normalize(input_dir), storage.normalize(output_dir)
   inputs, existing, pending = prepare(input_dir, output_dir, config, mode, samples_per_shard)
   if mode != "shard" and pending:
     keep_clips = output_dir if mode in ("convert", "all") else None
-    with manifest.ManifestWriter(output_dir) as writer:
+    with manifest.open_writer(output_dir) as writer:
       for record in _process_all(pending, config, keep_clips, num_workers, progress):
         writer.append(record)
         existing[record["path"]] = record
@@ -115,11 +154,13 @@ def prepare(input_dir: str, output_dir: str, config: PreprocessConfig, mode: str
       or samples_per_shard < 1):
     raise ValueError(f"--samples-per-shard must be an int >= 1, got {samples_per_shard!r}")
   inputs = discover_inputs(input_dir, exclude=output_dir)
-  os.makedirs(output_dir, exist_ok=True)
+  storage.makedirs(output_dir)
   check_saved_config(output_dir, config)
   _remove_temporaries(output_dir)
   existing = manifest.read_manifest(output_dir)
-  pending = [(path, rel) for path, rel in inputs if needs_work(existing.get(rel), mode, output_dir)]
+  clip_names = set(storage.listdir(storage.join(output_dir, ingest.CLIP_DIR)))
+  pending = [(path, rel) for path, rel in inputs
+             if needs_work(existing.get(rel), mode, output_dir, clip_names)]
   if mode == "shard" and pending:
     raise ValueError(f"--mode shard: {len(pending)} input(s) are not converted yet (first: "
                      f"{pending[0][1]!r}); run --mode convert (or all) first")
@@ -136,11 +177,9 @@ def finish(output_dir: str, config: PreprocessConfig, records: list[dict[str, An
                     "(first: %r); their lines and clips are removed", len(gone), gone[0])
   manifest.write_manifest(output_dir, records)
   claimed = {os.path.basename(r["clip_file"]) for r in records if r.get("clip_file")}
-  clip_dir = os.path.join(output_dir, ingest.CLIP_DIR)
-  if os.path.isdir(clip_dir):
-    for name in os.listdir(clip_dir):
-      if name not in claimed:
-        os.remove(os.path.join(clip_dir, name))
+  clip_dir = storage.join(output_dir, ingest.CLIP_DIR)
+  storage.remove([storage.join(clip_dir, name) for name in storage.listdir(clip_dir)
+                  if name not in claimed])
   if shards is None:
     shards = _current_shards(output_dir)
   stats = manifest.summarize(records, config, num_inputs=len(records), shards=shards)
@@ -159,12 +198,13 @@ def _current_shards(output_dir: str) -> dict[str, Any] | None:
 
 def _remove_temporaries(output_dir: str) -> None:
   """Hidden temporaries left by a killed run (never read: readers glob '*.array_record')."""
-  for sub in (ingest.CLIP_DIR, sharding.SHARD_DIR):
-    directory = os.path.join(output_dir, sub)
-    if os.path.isdir(directory):
-      for name in os.listdir(directory):
-        if name.startswith(".") and name.endswith(".tmp"):
-          os.remove(os.path.join(directory, name))
+  subs = [ingest.CLIP_DIR, sharding.SHARD_DIR]
+  if storage.is_url(output_dir):
+    subs += ["", manifest.PARTS_DIR]  # a write killed between its copy and delete (`storage`)
+  for sub in subs:
+    directory = storage.join(output_dir, sub) if sub else output_dir
+    storage.remove([storage.join(directory, name) for name in storage.listdir(directory)
+                    if storage.is_temporary(name)])
 
 
 def _work(task: tuple[str, str, PreprocessConfig, str | None]) -> dict[str, Any]:
@@ -265,8 +305,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(
       prog="python -m data_pipeline.preprocess", description=__doc__.split("\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-  parser.add_argument("--input-dir", "--input", required=True, help="folder of raw videos")
-  parser.add_argument("--output-dir", "--output", required=True)
+  parser.add_argument("--input-dir", "--input", required=True,
+                      help="folder of raw videos: a path, or a URL (gs://, s3://, ...)")
+  parser.add_argument("--output-dir", "--output", required=True, help="a path or a URL")
   parser.add_argument("--mode", choices=MODES, default="all")
   parser.add_argument("--num-workers", type=int, default=os.cpu_count() or 1,
                       help="worker processes (local runner); 0 = in this process")

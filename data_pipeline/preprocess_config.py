@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
+
+from data_pipeline import storage
 
 CONFIG_FILE = "preprocess_config.json"
 
@@ -50,6 +51,15 @@ class PreprocessConfig:
 
   # ---- execution
   ffmpeg_threads: int = 1  # per ffmpeg process; parallelism comes from --num-workers
+  # Limits on the ffmpeg processes of one input, in wall-clock seconds: an input that hangs
+  # ffmpeg (a playlist naming a FIFO or a stalled network file) is killed at the limit and
+  # rejected with rule `timeout`. The header probe gets probe_timeout_s; the decode (both
+  # ffmpeg processes, and the scoring of the clips in between, from start to end) gets
+  # decode_timeout_s + decode_timeout_per_second x the seconds of media to decode (the header's
+  # duration, at most max_clips_per_input clips; 0 when the header has no duration).
+  probe_timeout_s: float = 60.0
+  decode_timeout_s: float = 120.0
+  decode_timeout_per_second: float = 4.0  # allows decoding 4x slower than real time
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -60,12 +70,14 @@ class PreprocessConfig:
         raise ValueError(f"preprocess config: {field.name} must be {kind.__name__}, got {value!r}")
       if not math.isfinite(value):
         raise ValueError(f"preprocess config: {field.name} must be finite, got {value!r}")
-    positive = ("num_frames", "fps", "height", "width", "sample_rate", "ffmpeg_threads")
+    positive = ("num_frames", "fps", "height", "width", "sample_rate", "ffmpeg_threads",
+                "probe_timeout_s", "decode_timeout_s")
     for name in positive:
       if getattr(self, name) <= 0:
         raise ValueError(f"preprocess config: {name} must be > 0, got {getattr(self, name)!r}")
     non_negative = ("max_clips_per_input", "min_resolution", "min_fps", "min_blur",
-                    "max_scene_cuts", "scene_threshold", "max_decode_errors")
+                    "max_scene_cuts", "scene_threshold", "max_decode_errors",
+                    "decode_timeout_per_second")
     for name in non_negative:
       if getattr(self, name) < 0:
         raise ValueError(f"preprocess config: {name} must be >= 0, got {getattr(self, name)!r}")
@@ -94,6 +106,17 @@ class PreprocessConfig:
   @property
   def samples_per_clip(self) -> int:
     return int(round(self.num_frames * self.sample_rate / self.fps))
+
+  def decode_seconds(self, duration: float | None) -> float:
+    """Seconds of media a decode covers, by the header's `duration` (None: unknown, 0)."""
+    seconds = max(duration or 0.0, 0.0)
+    if self.max_clips_per_input:
+      seconds = min(seconds, self.max_clips_per_input * self.clip_seconds)
+    return seconds
+
+  def decode_timeout(self, duration: float | None) -> float:
+    """Seconds allowed to decode and judge an input whose header claims `duration` seconds."""
+    return self.decode_timeout_s + self.decode_timeout_per_second * self.decode_seconds(duration)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -126,12 +149,15 @@ def check_saved_config(output_dir: str, config: PreprocessConfig) -> None:
   """Saves `config` in `output_dir`, or checks that it equals the one saved by an earlier run.
 
   Mixing settings in one output would make the manifest's decisions disagree with each other.
+  A setting missing from the saved file (one added to the pipeline after that run) counts as
+  its default. `output_dir` may be a URL (`storage`).
   """
-  path = os.path.join(output_dir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+  path = storage.join(output_dir, CONFIG_FILE)
+  if storage.exists(path):
+    saved = json.loads(storage.read_bytes(path))
     current = config.to_dict()
+    defaults = PreprocessConfig().to_dict()
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     changed.update({k: (v, None) for k, v in saved.items() if k not in current})
     if changed:
@@ -140,9 +166,6 @@ def check_saved_config(output_dir: str, config: PreprocessConfig) -> None:
           f"output dir {output_dir!r} was made with other settings ({detail}); use a new "
           f"--output-dir, or the saved {CONFIG_FILE} as --config")
     return
-  os.makedirs(output_dir, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  storage.makedirs(output_dir)
+  storage.write_bytes(path, (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+                             ).encode())

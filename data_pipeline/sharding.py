@@ -9,6 +9,10 @@ Each shard is written under a hidden temporary name and renamed when whole (`sch
 .write_shard_file`). `OUT/shards/shards.json` lists every shard with the (input, first clip,
 end clip) pieces it holds and a fingerprint of them; a re-run rewrites only shards whose
 fingerprint changed (`start`), and removes shards of an earlier plan that the new one lacks.
+
+For an output dir given as a URL (`storage`), a shard is built in a local temporary directory
+from its clip files (downloaded one at a time, each deleted once read: the disk holds the shard
+and one clip file) and then uploaded with `storage.put_atomic`, never visible half-written.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Iterable
 
 from data_pipeline import schema
+from data_pipeline import storage
 
 SHARD_DIR = "shards"
 INDEX_FILE = "shards.json"
@@ -67,6 +74,9 @@ def plan_shards(records: Iterable[dict[str, Any]], samples_per_shard: int
 
 def write_shard(output_dir: str, shard: dict[str, Any]) -> str:
   """Writes one planned shard from the clip files; returns its path."""
+  if storage.is_url(output_dir):
+    return _write_remote_shard(output_dir, shard)
+
   def records():
     for _, clip_file, start, stop in shard["pieces"]:
       yield from schema.read_records(os.path.join(output_dir, clip_file), start, stop)
@@ -76,6 +86,26 @@ def write_shard(output_dir: str, shard: dict[str, Any]) -> str:
   return schema.write_shard_file(os.path.join(directory, shard["name"]), records())
 
 
+def _write_remote_shard(output_dir: str, shard: dict[str, Any]) -> str:
+  tmp = tempfile.mkdtemp(prefix="avgen_shard_")
+  try:
+    def records():
+      for _, clip_file, start, stop in shard["pieces"]:
+        local = os.path.join(tmp, os.path.basename(clip_file))
+        storage.download(storage.join(output_dir, clip_file), local)
+        try:
+          yield from schema.read_records(local, start, stop)
+        finally:
+          os.remove(local)
+
+    local_shard = schema.write_shard_file(os.path.join(tmp, shard["name"]), records())
+    path = storage.join(output_dir, SHARD_DIR, shard["name"])
+    storage.put_atomic(local_shard, path)
+    return path
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def start(output_dir: str, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """The planned shards to write: those not on disk as planned by the last shard run.
 
@@ -83,9 +113,8 @@ def start(output_dir: str, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
   index that vouches for a shard that was overwritten.
   """
   old = read_index(output_dir).get("shards", [])
-  directory = os.path.join(output_dir, SHARD_DIR)
-  done = {s["name"]: s["fingerprint"] for s in old
-          if os.path.exists(os.path.join(directory, s["name"]))}
+  present = set(storage.listdir(storage.join(output_dir, SHARD_DIR)))
+  done = {s["name"]: s["fingerprint"] for s in old if s["name"] in present}
   todo = [s for s in plan if done.get(s["name"]) != s["fingerprint"]]
   todo_names = {s["name"] for s in todo}
   _write_index(output_dir, [s for s in old if s["name"] not in todo_names], None)
@@ -95,12 +124,11 @@ def start(output_dir: str, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def finish(output_dir: str, plan: list[dict[str, Any]], samples_per_shard: int
            ) -> dict[str, Any]:
   """After every planned shard is written: removes stale shards, writes the index."""
-  directory = os.path.join(output_dir, SHARD_DIR)
-  os.makedirs(directory, exist_ok=True)
+  directory = storage.join(output_dir, SHARD_DIR)
+  storage.makedirs(directory)
   keep = {s["name"] for s in plan}
-  for name in os.listdir(directory):
-    if name.endswith(schema.SHARD_SUFFIX) and name not in keep:
-      os.remove(os.path.join(directory, name))
+  storage.remove([storage.join(directory, name) for name in storage.listdir(directory)
+                  if name.endswith(schema.SHARD_SUFFIX) and name not in keep])
   index = _write_index(output_dir, plan, samples_per_shard)
   return {"dir": SHARD_DIR, "num_shards": len(plan), "num_records": index["num_records"],
           "samples_per_shard": samples_per_shard}
@@ -108,21 +136,17 @@ def finish(output_dir: str, plan: list[dict[str, Any]], samples_per_shard: int
 
 def _write_index(output_dir: str, shards: list[dict[str, Any]],
                  samples_per_shard: int | None) -> dict[str, Any]:
-  directory = os.path.join(output_dir, SHARD_DIR)
-  os.makedirs(directory, exist_ok=True)
+  directory = storage.join(output_dir, SHARD_DIR)
+  storage.makedirs(directory)
   index = {"samples_per_shard": samples_per_shard, "num_shards": len(shards),
            "num_records": sum(s["num_records"] for s in shards), "shards": shards}
-  tmp = os.path.join(directory, f".{INDEX_FILE}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(index, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, os.path.join(directory, INDEX_FILE))
+  storage.write_bytes(storage.join(directory, INDEX_FILE),
+                      (json.dumps(index, indent=1, sort_keys=True) + "\n").encode("utf-8"))
   return index
 
 
 def read_index(output_dir: str) -> dict[str, Any]:
-  path = os.path.join(output_dir, SHARD_DIR, INDEX_FILE)
-  if not os.path.exists(path):
+  path = storage.join(output_dir, SHARD_DIR, INDEX_FILE)
+  if not storage.exists(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(storage.read_bytes(path))
