@@ -11,12 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sample_utils
 import train_utils
 from avgen.parallel import mesh as mesh_lib
 from avgen.train import checkpoints, state as state_lib, step as step_lib, trainer
 from data_pipeline import loader as loader_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# As conftest.py sets for this process: compiling dominates these tests.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _state_and_step(config, devices):
@@ -143,7 +146,9 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
   config = train_utils.tiny_config(train__num_steps=1)
   config.data.path = os.path.join(tmp_path, "data", "*.array_record")
   train_utils.make_shards(tmp_path / "data", config)
-  trainer.train(config, str(tmp_path / "run"))
+  # A step-1 checkpoint laid out as the trainer saves it, without compiling a train step (the
+  # trainer's own checkpoints restore in test_resume_is_bit_identical).
+  sample_utils.build_checkpoint(tmp_path / "run", config, step=1)
   config.model.width = 64
   config.train.num_steps = 2
   with pytest.raises(checkpoints.CheckpointMismatchError, match="model.width: checkpoint has 32, config has 64"):
@@ -163,7 +168,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   cmd = [sys.executable, "-m", "avgen.main", f"--config={REPO}/tests/train_utils.py",
          f"--workdir={tmp_path / 'run'}", f"--config.data.path={tmp_path / 'data'}/*.array_record",
          "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000"]
-  env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO}/tests", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  # One CPU device (no forced count), with the suite's cheaper compile pipeline.
+  env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO}/tests", JAX_PLATFORMS="cpu",
+             XLA_FLAGS=FAST_COMPILE)
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   seen = []
   deadline = time.time() + 240
