@@ -27,9 +27,11 @@ ADALN = ("per_block", "single")
 # a jax.checkpoint policy). "none": no remat; "full" / "nothing_saveable": keep only block inputs;
 # "dots": matmul outputs without batch dims (weights-only matmuls); "dots_saveable": every matmul;
 # "everything_saveable": all (remat in name only); "save_attention_out": the self-attention
-# result; "offload_dots": like "dots" but parked in pinned host memory until the backward pass.
+# result; "offload_dots": like "dots" but parked in pinned host memory until the backward pass;
+# "dots_attention": "dots" plus the attention kernels' outputs and softmax statistics (the
+# backward pass then never reruns attention's forward).
 REMAT = ("none", "full", "nothing_saveable", "dots", "dots_saveable", "everything_saveable",
-         "save_attention_out", "offload_dots")
+         "save_attention_out", "offload_dots", "dots_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 # config.mesh.dcn_<axis>: how many slices (TPU multislice) or hosts (GPU nodes) the axis spans;

@@ -43,6 +43,10 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Use the first N devices (0: all).")
 _PROFILE = flags.DEFINE_bool("profile", False, "Trace 3 steps; summarize kernels by kind.")
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the JSON file name.")
+_MEMORY_ONLY = flags.DEFINE_bool(
+    "memory_only", False,
+    "Compile only (nothing allocated, so several sizes can compile at once) and report XLA's "
+    "memory analysis: the peak a device needs for this step.")
 _PARAMS_OVER_CONTEXT = flags.DEFINE_bool(
     "params_over_context", False,
     "Shard parameters and optimizer state over the context axis too (ZeRO over fsdp x context).")
@@ -86,6 +90,8 @@ def kernel_summary(trace_dir: str) -> dict:
       "device_ms_per_step": total / 3 / 1e3,
       "by_kind_pct": {k: round(100 * v / total, 1) for k, v in kinds.most_common()},
       "top": [(n[:90], round(us / 3 / 1e3, 2)) for n, us in by_name.most_common(15)],
+      "top_other": [(n[:90], round(us / 3 / 1e3, 2)) for n, us in by_name.most_common()
+                    if _kernel_kind(n).startswith("other")][:15],
   }
 
 
@@ -101,6 +107,38 @@ def _kernel_kind(name: str) -> str:
   if "memcpy" in n or "memset" in n:
     return "copy"
   return "other (fusions, elementwise, reductions)"
+
+
+def memory_only(config, tx, mesh, rules):
+  """Compiles the step on abstract inputs and prints XLA's memory analysis as a RESULT line."""
+  from avgen import config as config_lib  # noqa: PLC0415
+  from avgen.parallel import mesh as mesh_lib  # noqa: PLC0415
+  from avgen.train import state as state_lib, step as step_lib  # noqa: PLC0415
+
+  graphdef, rest, abstract = state_lib.abstract_state(config, tx)
+  offload = bool(config.train.get("offload_optimizer", False))
+  shardings = state_lib.state_shardings(abstract, mesh, rules, offload_optimizer=offload)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                       shardings)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
+                       synthetic_batch(config, config_lib.latent_shapes(config)))
+  step = step_lib.make_train_step(config, graphdef, rest, tx, mesh, rules, shardings, batch_sharding)
+  jitted = getattr(step, "jitted", step)
+  args = (state, batch) if jitted is step else (state, batch, None)
+  t0 = time.perf_counter()
+  mem = jitted.lower(*args).compile().memory_analysis()
+  # Donated state aliases the updated state, so arguments + outputs - aliased + temporaries.
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+          + mem.temp_size_in_bytes)
+  host = getattr(mem, "host_argument_size_in_bytes", 0) or 0
+  result = dict(tag=_TAG.value, device=jax.devices()[0].device_kind, width=config.model.width,
+                depth=config.model.depth, remat=config.model.remat, adaln=config.model.adaln,
+                offload_optimizer=offload, compile_s=round(time.perf_counter() - t0, 1),
+                params_m=round(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)) / 1e6, 1),
+                device_peak_gib=round(peak / 2**30, 2), temp_gib=round(mem.temp_size_in_bytes / 2**30, 2),
+                host_argument_gib=round(host / 2**30, 2))
+  print("RESULT " + json.dumps(result), flush=True)
 
 
 def main(argv):
@@ -119,6 +157,8 @@ def main(argv):
                               for n, a in config.mesh.rules)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   tx = state_lib.build_optimizer(config.train)
+  if _MEMORY_ONLY.value:
+    return memory_only(config, tx, mesh, rules)
   graphdef, rest, state, shardings = state_lib.create_sharded_state(config, tx, mesh, rules)
   train_step = step_lib.make_train_step(config, graphdef, rest, tx, mesh, rules, shardings,
                                         mesh_lib.batch_sharding(mesh))

@@ -1,6 +1,7 @@
 """Remat policies by name, and the optimizer state kept in pinned host memory between steps."""
 
 import contextlib
+import inspect
 import io
 
 import jax
@@ -82,9 +83,11 @@ def test_remat_policy_gives_the_same_loss_and_gradients(results, policy):
                ref_grads)
 
 
-def _saved(policy, params, args) -> list[str]:
+def _saved(policy, params, args, attention_impl="auto") -> list[str]:
   """What the backward pass keeps from the forward pass, one line per array (jax's listing)."""
-  model = build_model(_tiny(policy), nnx.Rngs(0)).dit
+  config = _tiny(policy)
+  config.model.attention_impl = attention_impl
+  model = build_model(config, nnx.Rngs(0)).dit
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   listing = io.StringIO()
   with contextlib.redirect_stdout(listing):
@@ -100,6 +103,27 @@ def test_policies_keep_what_they_name(results):
   assert named(_saved("save_attention_out", params, args))
   assert not named(_saved("full", params, args))
   assert len(_saved("full", params, args)) < len(_saved("none", params, args))
+
+
+def test_dots_attention_keeps_the_kernels_output_and_statistics(results):
+  """With a flash kernel (Pallas, interpreted here) "dots_attention" keeps both outputs of each
+  attention forward (output [b,l,h,d] and logsumexp [b,h,l]), so the backward pass does not
+  rerun it; "dots" keeps neither."""
+  params, _ = results
+  args = _trunk_inputs(_tiny())
+  kernel = lambda lines: [l.split()[0] for l in lines if "output of pallas_call" in l]
+  assert not kernel(_saved("dots", params, args, attention_impl="pallas"))
+  kept = kernel(_saved("dots_attention", params, args, attention_impl="pallas"))
+  # Self-attention over 128 tokens and cross-attention from them to the text, 2 heads of 16.
+  assert sorted(kept) == sorted(["f32[2,128,2,16]", "f32[2,2,128]"] * 2), kept
+
+
+def test_dots_attention_names_the_primitive_jax_binds_for_cudnn():
+  """cuDNN's forward cannot be traced on the CPU, so check the name the policy matches against
+  the primitive jax's cuDNN attention binds (a renamed primitive would silently recompute)."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415
+  assert cudnn._dot_product_attention_fwd_p_wrapper.name in dit.ATTENTION_PRIMITIVES  # pylint: disable=protected-access
+  assert "_dot_product_attention_fwd_p_wrapper.bind" in inspect.getsource(cudnn._dot_product_attention_fwd)  # pylint: disable=protected-access
 
 
 def test_unknown_remat_is_named():

@@ -117,6 +117,21 @@ def joint_window_mask(video_grid: tuple[int, int, int], patch_t: int, audio_timi
   return masks_lib.self_attention_window(masks_lib.joint_layout(video, audio), float(window))
 
 
+# Attention kernels: cuDNN's forward (output and softmax statistics; jax binds it as the
+# "_wrapper" primitive) and our Pallas kernels (output and logsumexp). Saving a name on the output
+# alone is not enough: the backward kernel also needs the statistics, and recomputing them reruns
+# the whole attention forward.
+ATTENTION_PRIMITIVES = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd",
+                        "pallas_call")
+
+
+def _dots_and_attention_saveable(prim, *avals, **params) -> bool:
+  """Weight matmuls (as "dots") plus every output of the attention kernels' forward."""
+  if prim.name in ATTENTION_PRIMITIVES:
+    return True
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+
+
 def _remat_policy(mode: str):
   """The jax.checkpoint policy of `model.remat` (None: keep only the block's inputs)."""
   policies = jax.checkpoint_policies
@@ -128,6 +143,7 @@ def _remat_policy(mode: str):
       "dots_saveable": policies.dots_saveable,
       "everything_saveable": policies.everything_saveable,
       "save_attention_out": policies.save_only_these_names(ATTENTION_OUT),
+      "dots_attention": _dots_and_attention_saveable,
       # The saved matmul outputs wait in host memory (on platforms that have "pinned_host").
       "offload_dots": policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
   }
