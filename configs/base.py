@@ -45,6 +45,9 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args.size not in SIZES:
     raise ValueError(f"config arg: unknown size {args.size!r}; known sizes: {list(SIZES)}")
   demo = args.size == "demo"
+  # The settings the 2B train-step benchmark chose (benchmarks/results/train_step.md): one shared
+  # AdaLN projection, scanned blocks, bfloat16 Adam first moment.
+  large = args.size in ("XL", "2B")
   c = ml_collections.ConfigDict()
   c.size = args.size
   c.stage = "stage2"
@@ -105,7 +108,7 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # per_block: every block projects c to its own shift/scale/gate (DiT's AdaLN-Zero); single:
   # one projection per modality for all blocks plus a learned offset per block (PixArt-alpha),
   # 2 x 6 x width^2 fewer parameters per block (1.2 B of the 2B size's 3.5 B).
-  mo.adaln = "per_block"
+  mo.adaln = "single" if large else "per_block"
   mo.shared_weights = True  # False: separate attention/MLP weights per modality (MM-DiT style)
   mo.audio_head_depth = audio_head  # transformer layers
   mo.video_head_depth = video_head  # 3D-conv layers
@@ -121,8 +124,11 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mo.param_dtype = "float32"
   # What the DiT blocks keep for backward (avgen.config.REMAT): none | full | dots | dots_saveable
   # | nothing_saveable | everything_saveable | save_attention_out | offload_dots (to host memory)
+  # | dots_attention
   mo.remat = "none" if demo else "dots"
-  mo.scan_layers = False  # DiT blocks as one nnx.scan (stacked params, one compiled block)
+  # DiT blocks as one nnx.scan (stacked params, one compiled block): unrolled, the 2B step did not
+  # compile within 270 s (H100); scanned it compiles in 80-90 s.
+  mo.scan_layers = large
   # byte: trained with the model, nothing downloaded. clip_text / t5_encoder: frozen pretrained
   # encoders (text_width must equal theirs: 768 for CLIP ViT-L/14, 4096 for T5-v1.1-XXL).
   mo.text_encoder = "byte"
@@ -188,7 +194,7 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.weight_decay = 0.0 if demo else 0.01
   t.adam_b1 = 0.9
   t.adam_b2 = 0.99 if demo else 0.999
-  t.adam_mu_dtype = "float32"  # AdamW first moment: float32 | bfloat16 (half its memory)
+  t.adam_mu_dtype = "bfloat16" if large else "float32"  # AdamW first moment: float32 | bfloat16
   t.clip_norm = 1.0
   t.grad_accum = 1
   t.ema_decay = 0.99 if demo else 0.9999
@@ -197,8 +203,9 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.log_every = 20 if demo else 100
   t.max_nonfinite = 5  # consecutive non-finite steps before the run stops
-  # Keep the optimizer state in pinned host memory between steps (GPU/TPU; frees device memory
-  # of 2x the parameters for Adam at the cost of moving it in and out every step).
+  # Keep the optimizer state in pinned host memory between steps (GPU/TPU). It frees that memory
+  # between steps (for sampling, evaluation), not the step's peak: the step moves the whole state
+  # in at its start (XLA's memory analysis of the 2B-size step on an H200: peak unchanged).
   t.offload_optimizer = False
   if args.batch > 0:
     d.batch_size = args.batch
