@@ -203,9 +203,8 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.log_every = 20 if demo else 100
   t.max_nonfinite = 5  # consecutive non-finite steps before the run stops
-  # Keep the optimizer state in pinned host memory between steps (GPU/TPU). It frees that memory
-  # between steps (for sampling, evaluation), not the step's peak: the step moves the whole state
-  # in at its start (XLA's memory analysis of the 2B-size step on an H200: peak unchanged).
+  # Keep the optimizer state in pinned host memory between steps (GPU/TPU); the step brings it to
+  # the device for the update only, after the backward pass (benchmarks/results/train_step.md).
   t.offload_optimizer = False
   if args.batch > 0:
     d.batch_size = args.batch

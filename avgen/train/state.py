@@ -2,8 +2,8 @@
 
 With `config.train.offload_optimizer` the optimizer state lives in pinned host memory between
 steps (its shardings carry memory_kind="pinned_host"); the step brings it to the device with
-`on_device` and its out_shardings put the new state back, so device memory holds the optimizer
-state only while the update runs.
+`on_device` after the backward pass and its out_shardings put the new state back, so device
+memory holds the optimizer state only while the update runs.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, rules, *,
   return shardings
 
 
-def on_device(state: TrainState, shardings: TrainState) -> TrainState:
-  """Inside the jitted step: the state with every leaf kept in host memory moved to the device.
+def on_device(state, shardings):
+  """Inside the jitted step: a state tree with every leaf kept in host memory moved to the device.
 
   Computing on host-memory arrays directly would run on the host (GPU: slowly, with a warning)
   or fail; the step's out_shardings move the updated leaves back.

@@ -164,7 +164,6 @@ def make_train_step(config, graphdef, rest, tx: optax.GradientTransformation, me
     return grads, metrics
 
   def step_fn(state: TrainState, batch, text_params):
-    state = on_device(state, state_shardings)  # an offloaded optimizer state comes in
     rng = jax.random.wrap_key_data(state.rng)
     rng, step_rng = jax.random.split(rng)
     model_batch = {k: batch[k] for k in ("video", "audio", "text_ids", "text_mask")}
@@ -186,7 +185,10 @@ def make_train_step(config, graphdef, rest, tx: optax.GradientTransformation, me
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    # An offloaded optimizer state comes in only now, after the forward and backward passes, so
+    # it never shares device memory with their activations.
+    opt_state = on_device(state.opt_state, state_shardings.opt_state)
+    updates, new_opt_state = tx.update(grads, opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     new_ema = ema_update(state.ema_params, new_params, config.train.ema_decay)
     # A non-finite loss or gradient leaves parameters, optimizer and EMA untouched.
@@ -195,7 +197,7 @@ def make_train_step(config, graphdef, rest, tx: optax.GradientTransformation, me
     new_state = state.replace(
         step=state.step + 1,
         params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
+        opt_state=keep(new_opt_state, opt_state),
         ema_params=keep(new_ema, state.ema_params),
         rng=jax.random.key_data(rng),
         nonfinite_streak=streak,
