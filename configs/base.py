@@ -14,7 +14,7 @@ import ml_collections
 # 8-layer audio head and a 6-layer video head.
 SIZES = {
     #        width depth heads audio_head video_head
-    "demo": (128, 4, 4, 2, 1),
+    "demo": (128, 2, 4, 2, 1),
     "S": (384, 12, 6, 2, 2),
     "B": (768, 12, 12, 4, 3),
     "L": (1024, 24, 16, 6, 4),
