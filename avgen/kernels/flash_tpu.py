@@ -346,6 +346,25 @@ def _tile_lanes(x, width: int):
   return jnp.tile(x, (1, width // LANES))
 
 
+def _rule_inputs(spec: _Spec, tables, resident: str, visited: str, block_resident: int,
+                 block_visited: int, visited_block):
+  """BlockSpecs and arrays of the mask rule's token tables (modality, time) for one kernel.
+
+  `resident` ("q" or "k") is the side a program keeps (grid axis 2), as lane columns
+  [block, 128]; `visited` is the side its schedule walks, as sublane rows [8, block] at the tile
+  `visited_block(b, i, j, sched)`.
+  """
+  length = {"q": spec.lq, "k": spec.lk}
+  col = pl.BlockSpec((block_resident, LANES), lambda b, h, i, j, *_: (i, 0))
+  row = pl.BlockSpec((SUBLANES, block_visited),
+                     lambda b, h, i, j, s, _: (0, visited_block(b, i, j, s)))
+  args = [_lane_cols(tables[f"{resident}_mod"], length[resident]),
+          _lane_cols(tables[f"{resident}_time"], length[resident]),
+          _sublane_rows(tables[f"{visited}_mod"], length[visited]),
+          _sublane_rows(tables[f"{visited}_time"], length[visited])]
+  return [col, col, row, row], args
+
+
 def _rule_mask(spec: _Spec, q_mod, q_time, k_mod, k_time):
   """The BlockMask rule on broadcastable per-token tables."""
   dt = jnp.abs(q_time - k_time)
@@ -437,11 +456,9 @@ def _forward(spec: _Spec, q, k, v, tables):
   ]
   args = [tables["sched_fwd"], tables["kv_len"], q, k, v]
   if ruled:
-    col = pl.BlockSpec((bq, LANES), lambda b, h, i, j, *_: (i, 0))
-    row = pl.BlockSpec((SUBLANES, bk), lambda b, h, i, j, s, _: (0, kv_block(b, i, j, s)))
-    in_specs += [col, col, row, row]
-    args += [_lane_cols(tables["q_mod"], spec.lq), _lane_cols(tables["q_time"], spec.lq),
-             _sublane_rows(tables["k_mod"], spec.lk), _sublane_rows(tables["k_time"], spec.lk)]
+    rule_specs, rule_args = _rule_inputs(spec, tables, "q", "k", bq, bk, kv_block)
+    in_specs += rule_specs
+    args += rule_args
   out_specs = [pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *_: (b, h, i, 0)),
                pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *_: (b, h, i, 0))]
   # The lse leaves the kernel lane-replicated ([.., 128]): written from the [bq, 128] scratch
@@ -515,11 +532,9 @@ def _backward_dq(spec: _Spec, q, k, v, do, lse, delta, tables):
   in_specs = [q_tile, kv_tile, kv_tile, q_tile, q_row, q_row]
   args = [tables["sched_dq"], tables["kv_len"], q, k, v, do, lse, delta]
   if ruled:
-    col = pl.BlockSpec((bq, LANES), lambda b, h, i, j, *_: (i, 0))
-    row = pl.BlockSpec((SUBLANES, bk), lambda b, h, i, j, s, _: (0, kv_block(b, i, j, s)))
-    in_specs += [col, col, row, row]
-    args += [_lane_cols(tables["q_mod"], spec.lq), _lane_cols(tables["q_time"], spec.lq),
-             _sublane_rows(tables["k_mod"], spec.lk), _sublane_rows(tables["k_time"], spec.lk)]
+    rule_specs, rule_args = _rule_inputs(spec, tables, "q", "k", bq, bk, kv_block)
+    in_specs += rule_specs
+    args += rule_args
   (dq,) = _call(spec, kernel, (spec.b, spec.h, nq, steps), in_specs, [q_tile],
                 [jax.ShapeDtypeStruct(q.shape, q.dtype)], [pltpu.VMEM((bq, d), jnp.float32)],
                 args, "avgen_flash_tpu_dq")
@@ -580,11 +595,9 @@ def _backward_dkv(spec: _Spec, q, k, v, do, lse, delta, tables):
   in_specs = [q_tile, k_tile, k_tile, q_tile, q_row, q_row]
   args = [tables["sched_dkv"], tables["kv_len"], q, k, v, do, lse, delta]
   if ruled:
-    col = pl.BlockSpec((bk, LANES), lambda b, h, i, j, *_: (i, 0))
-    row = pl.BlockSpec((SUBLANES, bq), lambda b, h, i, j, s, _: (0, q_block(b, i, j, s)))
-    in_specs += [col, col, row, row]
-    args += [_lane_cols(tables["k_mod"], spec.lk), _lane_cols(tables["k_time"], spec.lk),
-             _sublane_rows(tables["q_mod"], spec.lq), _sublane_rows(tables["q_time"], spec.lq)]
+    rule_specs, rule_args = _rule_inputs(spec, tables, "k", "q", bk, bq, q_block)
+    in_specs += rule_specs
+    args += rule_args
   dk, dv = _call(spec, kernel, (spec.b, spec.h, nk, steps), in_specs, [k_tile, k_tile],
                  [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
                  [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
