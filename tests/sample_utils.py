@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from avgen.train import checkpoints, state as state_lib
 from train_utils import tiny_config
@@ -35,17 +36,36 @@ def _random_params(abstract_params, rng: np.random.Generator, noise: float):
   return jax.tree_util.tree_map_with_path(fill, abstract_params)
 
 
+def random_params(config, *, seed: int = 0, noise: float = 0.05):
+  """Random host weights (an nnx.State of numpy arrays) for the model of `config`."""
+  tx = state_lib.build_optimizer(config.train)
+  _, _, abstract = state_lib.abstract_state(config, tx)
+  return _random_params(abstract.params, np.random.default_rng(seed), noise)
+
+
+def stack_blocks(params, scanned_config):
+  """`params` of a loop model rearranged for `scanned_config` (model.scan_layers: the DiT blocks
+  stacked on a leading axis)."""
+  pure = nnx.to_pure_dict(params)
+  blocks = pure["dit"]["blocks"]
+  pure["dit"]["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[blocks[i] for i in sorted(blocks)])
+  stacked = random_params(scanned_config)
+  nnx.replace_by_pure_dict(stacked, pure)
+  return stacked
+
+
 def build_checkpoint(workdir, config=None, *, step: int = 1, seed: int = 0,
-                     noise: float = 0.05) -> str:
+                     noise: float = 0.05, params=None) -> str:
   """Writes workdir/checkpoints/<step> with the state and config as the trainer saves them.
 
   Nothing is compiled: the state's structure comes from `jax.eval_shape` and every leaf is
-  filled on the host (random weights, zero optimizer moments).
+  filled on the host (random weights unless `params` are given, zero optimizer moments).
   """
   config = config or sample_config()
   tx = state_lib.build_optimizer(config.train)
   _, _, abstract = state_lib.abstract_state(config, tx)
-  params = _random_params(abstract.params, np.random.default_rng(seed), noise)
+  if params is None:
+    params = random_params(config, seed=seed, noise=noise)
   zeros = lambda tree: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
   state = abstract.replace(step=np.zeros((), np.int32), params=params,
                            opt_state=zeros(abstract.opt_state), ema_params=params,

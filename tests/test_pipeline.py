@@ -16,7 +16,8 @@ from absl import flags
 from avgen.diffusion import objectives
 from avgen.sample import api, media, pipeline, sampling
 from avgen.sample import __main__ as cli
-from sample_utils import FAST_COMPILE, shared_checkpoint, square_video, tone
+from sample_utils import (FAST_COMPILE, build_checkpoint, random_params, sample_config,
+                          shared_checkpoint, square_video, stack_blocks, tone)
 
 STEPS = 2
 PROMPT = "a red circle bounces"
@@ -75,6 +76,24 @@ def test_text_to_audio_video_seed_prompt_and_guidance_decide_the_clip(pipe, tmp_
   assert rate == out.sample_rate and audio.shape == out.audio.shape
   assert 'src="data:video/mp4;base64,' in out.to_html()
   assert out.spectrogram().ndim == 3
+
+
+def test_scanned_layers_sample_as_the_loop_model_does(tmp_path):
+  """A model.scan_layers checkpoint (the 2B default) samples, and gives the clip of the same
+  weights as unscanned blocks: the scan runs inside the sampler's own loop and jit."""
+  loop_config = sample_config(model__depth=2)
+  scan_config = sample_config(model__depth=2, model__scan_layers=True)
+  params = random_params(loop_config, seed=3)
+  clips = []
+  for name, config, weights in (("loop", loop_config, params),
+                                ("scan", scan_config, stack_blocks(params, scan_config))):
+    workdir = build_checkpoint(tmp_path / name, config, params=weights)
+    clip = pipeline.AudioVideoGenerationPipeline.from_pretrained(
+        workdir, compiler_options=FAST_COMPILE)(prompt=PROMPT, num_inference_steps=STEPS, seed=7)
+    _shape_ok(clip, config)
+    clips.append(clip)
+  np.testing.assert_allclose(clips[1].audio, clips[0].audio, atol=1e-4)
+  assert np.abs(clips[1].video.astype(int) - clips[0].video.astype(int)).max() <= 1
 
 
 def test_second_call_with_the_same_shapes_does_not_compile(pipe):

@@ -277,9 +277,13 @@ class AVDiT(nnx.Module):
     if self.remat_policy_name != "none":
       apply = nnx.remat(apply, policy=_remat_policy(self.remat_policy_name))
     if self.scan_layers:
-      scan = nnx.scan(lambda x, block: apply(block, x), in_axes=(nnx.Carry, 0),
-                      out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      x = scan(x, self.blocks)
+      # A plain lax.scan over the stacked block state: unlike nnx.scan it also runs where the
+      # parameters are tracers of an enclosing transform (the sampler's loop closes over them).
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def layer(x, block_state):
+        return apply(nnx.merge(graphdef, block_state), x), None
+      x, _ = jax.lax.scan(layer, x, stacked)
     else:
       for block in self.blocks:
         x = apply(block, x)
