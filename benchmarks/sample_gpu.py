@@ -98,6 +98,7 @@ def build_config(args):
   if args.smoke:
     config = stage2.get_config("size=S")
     config.model.width, config.model.depth, config.model.num_heads = 64, 2, 2
+    config.model.scan_layers = True  # as the 2B config
     config.model.audio_head_depth, config.model.video_head_depth = 1, 1
     config.model.video_head_channels, config.model.align_width = 16, 32
     config.model.text_width, config.model.text_depth, config.model.text_heads = 64, 1, 2

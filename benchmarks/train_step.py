@@ -13,7 +13,10 @@ writes ($OUT/train_step_TAG.json):
   xla_tflops         TFLOP/s per device by XLA's cost analysis of the compiled step: every op the
                      program runs, heads, remat recomputation and the optimizer included
 With --profile, three steps are traced and the GPU kernels are summed by kind (attention, matmul,
-collective, other fusions) and by name (top 15) into the same JSON.
+collective, other fusions) and by name (top 15) into the same JSON. Each kernel is also traced
+back to the JAX operation it was fused from (the `op_name` of its fusion in the compiled HLO),
+and the "other" kernels are summed by that source (`other_by_source`), which says which line of
+the model the elementwise time belongs to.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -67,8 +71,67 @@ def peer_flops(config, num_video: int, num_audio: int) -> float:
   return 3.0 * forward * config.data.batch_size
 
 
-def kernel_summary(trace_dir: str) -> dict:
-  """Sums device kernel time of a jax.profiler trace by kind and by name."""
+_HLO_INSTRUCTION = re.compile(
+    r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?op_name="([^"]*)"(?:.*?stack_frame_id=(\d+))?')
+
+
+def _stack_tables(hlo_text: str) -> dict[str, dict[int, str]]:
+  """The module's FileNames / FunctionNames / FileLocations / StackFrames tables: id -> text."""
+  tables, current = {}, None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = tables.setdefault(line, {})
+    elif current is not None and re.match(r"^\d+ ", line):
+      key, value = line.split(" ", 1)
+      current[int(key)] = value.strip('"')
+    else:
+      current = None
+  return tables
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """Instruction name (as GPU kernels are named: '.' and '-' become '_') -> where it came from:
+  the JAX op_name of its metadata plus the Python line that made it ('  @ dit.py:171 fn')."""
+  tables = _stack_tables(hlo_text)
+  field = lambda text, name: int(re.search(name + r"=(\d+)", text).group(1))
+
+  def location(frame: str) -> str:
+    loc = tables["FileLocations"][field(frame, "file_location_id")]
+    path = tables["FileNames"][field(loc, "file_name_id")]
+    function = tables["FunctionNames"][field(loc, "function_name_id")]
+    return f"{os.path.basename(path)}:{field(loc, 'line')} {function.split('.')[-1]}"
+
+  def where(frame_id: int) -> str:
+    """The innermost Python line (the table's parent links are not the callers; left out)."""
+    try:
+      return "  @ " + location(tables["StackFrames"][frame_id])
+    except (KeyError, AttributeError):
+      return ""
+
+  names = {}
+  for line in hlo_text.splitlines():
+    match = _HLO_INSTRUCTION.match(line)
+    if match:
+      frame = where(int(match.group(3))) if match.group(3) else ""
+      names[re.sub(r"[.\-]", "_", match.group(1))] = match.group(2) + frame
+  return names
+
+
+def source_of(op_name: str) -> str:
+  """An op_name without the transforms' wrappers, and whether it runs in the backward pass:
+  'jit(step)/transpose(jvp())/while/body/closed_call/mul  @ dit.py:171 f' -> 'bwd: mul  @ dit.py:171 f'."""
+  name, _, frame = op_name.partition("  @ ")
+  backward = "transpose(" in name
+  parts = [p for p in name.split("/")
+           if not re.match(r"^(jit|jvp|transpose|vmap|pjit|remat|checkpoint|while|body|cond|"
+                           r"branch_\d+_fun|rematted_computation|closed_call|core_call)\b", p)]
+  return (("bwd: " if backward else "") + "/".join(parts[-3:])
+          + (f"  @ {frame}" if frame else ""))
+
+
+def kernel_summary(trace_dir: str, op_names: dict[str, str] | None = None) -> dict:
+  """Sums device kernel time of a jax.profiler trace by kind and by name (and, given the
+  compiled HLO's op names, the "other" kernels by the JAX operation they came from)."""
   paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
   if not paths:
     return {"error": f"no perfetto trace under {trace_dir}"}
@@ -86,12 +149,23 @@ def kernel_summary(trace_dir: str) -> dict:
   for name, us in by_name.items():
     kinds[_kernel_kind(name)] += us
   total = sum(by_name.values()) or 1
+  op_names = op_names or {}
+  by_source = collections.Counter()
+  for name, us in by_name.items():
+    if _kernel_kind(name).startswith("other"):
+      by_source[source_of(op_names.get(name, "?" + name))] += us
   return {
       "device_ms_per_step": total / 3 / 1e3,
       "by_kind_pct": {k: round(100 * v / total, 1) for k, v in kinds.most_common()},
       "top": [(n[:90], round(us / 3 / 1e3, 2)) for n, us in by_name.most_common(15)],
       "top_other": [(n[:90], round(us / 3 / 1e3, 2)) for n, us in by_name.most_common()
                     if _kernel_kind(n).startswith("other")][:15],
+      "other_by_source": [(k[:120], round(us / 3 / 1e3, 2)) for k, us in
+                          by_source.most_common(30)],
+      "kernels_traced_to_hlo": round(sum(us for n, us in by_name.items() if n in op_names)
+                                     / total, 3),
+      "kernels": [(n[:90], round(us / 3 / 1e3, 3), op_names.get(n, ""))
+                  for n, us in by_name.most_common(300)],
   }
 
 
@@ -197,7 +271,11 @@ def main(argv):
       state, metrics = run(state)
     jax.block_until_ready(state)
     jax.profiler.stop_trace()
-    profile = kernel_summary(trace_dir)
+    hlo = compiled.as_text()
+    profile = kernel_summary(trace_dir, hlo_op_names(hlo))
+    if os.environ.get("OUT"):
+      with gzip.open(os.path.join(os.environ["OUT"], f"hlo_{_TAG.value or 'step'}.txt.gz"), "wt") as f:
+        f.write(hlo)
 
   peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices)
   n = len(devices)

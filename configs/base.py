@@ -125,8 +125,8 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # What the DiT blocks keep for backward (avgen.config.REMAT): none | full | dots | dots_saveable
   # | nothing_saveable | everything_saveable | save_attention_out | offload_dots (to host memory)
   # | dots_attention
-  mo.remat = "none" if demo else "dots"
-  # DiT blocks as one nnx.scan (stacked params, one compiled block): unrolled, the 2B step did not
+  mo.remat = "none" if demo else "dots_attention"
+  # DiT blocks as one lax.scan (stacked params, one compiled block): unrolled, the 2B step did not
   # compile within 270 s (H100); scanned it compiles in 80-90 s.
   mo.scan_layers = large
   # byte: trained with the model, nothing downloaded. clip_text / t5_encoder: frozen pretrained
