@@ -108,6 +108,7 @@ def build_config(args):
   else:
     config = stage2.get_config(f"size={args.size}")
   config.model.attention_impl = args.attention
+  config.model.attention_window = args.window
   return config
 
 
@@ -181,6 +182,9 @@ def main():
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--guidance", type=float, default=7.5)
   p.add_argument("--attention", default="auto", help="model.attention_impl")
+  p.add_argument("--window", type=float, default=0.0,
+                 help="model.attention_window (frames; 0: dense). A model trained with that "
+                      "window, not the peer's computation")
   p.add_argument("--vae_frames_per_chunk", type=int, default=8)
   p.add_argument("--vocoder_chunk_frames", type=int, default=512)
   p.add_argument("--peer", default=".peer/torch_dit_peer.py")
@@ -215,6 +219,7 @@ def main():
       device=jax.local_devices()[0].device_kind, size=args.size, smoke=args.smoke,
       steps=args.steps, video_latent=list(latent_shapes(config)["video"]),
       audio_latent=list(latent_shapes(config)["audio"]), attention=args.attention,
+      attention_window=args.window,
       dit_s=dit_s, vae_s=vae_s, vocoder_s=vocoder_s, total_s=total_s,
       peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
       xla_estimate_gib=estimate["peak_estimate"] / 2**30,
