@@ -16,7 +16,10 @@ connected regions of >= 3 pixels are the objects seen. Prints per workdir:
                     other frame at most 8 pixels away (the data's fastest shape moves 6.4)
   step_px           mean distance from a region to its nearest region in the next frame, over
                     pairs with equal non-zero counts (how far things move per frame)
-  audio_active      share of 10 ms windows above 0.1 of the clip's peak RMS (short bursts: low)
+  audio_active      share of 10 ms windows above 0.1 of the clip's peak RMS (short bursts: low),
+                    over the clips that are not silent
+  silent_clips      share of clips whose loudest 10 ms stays below RMS 0.01 (no burst at all;
+                    before this was split off, such clips counted as active throughout)
 For the data, audio_active is of the stored wave and audio_active_vocoded of the wave after the
 demo's mel + Griffin-Lim round trip: the best a sample's audio can be.
 """
@@ -40,6 +43,9 @@ PROMPT_OBJECTS = {"a red circle bounces": 1, "a blue square bounces": 1,
 # A region further than this from every region of the previous frame is a blob that appeared or
 # jumped, not a shape that moved: the data's fastest shape moves 1.6 * 32 / 8 = 6.4 px a frame.
 MAX_STEP_PX = 8.0
+# A burst's loudest 10 ms has an RMS near 0.1 (data and samples); a clip that never reaches a
+# tenth of that has no burst.
+SILENT_RMS = 0.01
 
 
 def region_centroids(frame: np.ndarray, threshold: int = 96, min_pixels: int = 3) -> np.ndarray:
@@ -78,11 +84,15 @@ def temporal_scores(video: np.ndarray) -> tuple[list[bool], list[float]]:
   return coherent, steps
 
 
-def active_fraction(audio: np.ndarray, sample_rate: int) -> float:
+def active_fraction(audio: np.ndarray, sample_rate: int) -> float | None:
+  """Share of 10 ms windows above 0.1 of the clip's peak RMS; None for a silent clip, whose
+  faint noise floor would otherwise count as all active."""
   window = int(sample_rate * 0.01)
   n = len(audio) // window
   envelope = np.sqrt(np.mean(audio[:n * window].reshape(n, window) ** 2, 1))
-  return float(np.mean(envelope > 0.1 * envelope.max())) if envelope.max() > 0 else 0.0
+  if envelope.max() < SILENT_RMS:
+    return None
+  return float(np.mean(envelope > 0.1 * envelope.max()))
 
 
 class Tally:
@@ -111,8 +121,11 @@ class Tally:
                coherent=round(float(np.mean(self.coherent)), 2),
                step_px=round(float(np.mean(self.steps)), 1) if self.steps else None)
     for name, values in self.audio.items():
-      out[name] = round(float(np.mean(values)), 3)
-    out["clips"] = len(next(iter(self.audio.values())))
+      sounding = [v for v in values if v is not None]
+      out[name] = round(float(np.mean(sounding)), 3) if sounding else None
+    first = next(iter(self.audio.values()))
+    out["silent_clips"] = round(sum(v is None for v in first) / len(first), 2)
+    out["clips"] = len(first)
     return out
 
 
