@@ -57,8 +57,12 @@ def get_base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.path = ""  # glob of ArrayRecord shards; empty + demo -> synthetic data made in workdir/data
   d.synthetic_clips = 512 if demo else 0  # clips to synthesize when `path` is empty
   d.synthetic_max_objects = 2 if demo else 3  # shapes per synthetic clip: 1..max
-  d.synthetic_size_range = (0.09, 0.16)  # object half-size, fraction of min(H, W)
-  d.synthetic_speed_range = (0.8, 1.6)  # frame sizes per second
+  # Object half-size (fraction of min(H, W)) and speed (frame sizes per second). The demo's
+  # shapes are larger, alike in size and slower (2-3 px a frame at 32x32, so consecutive frames
+  # overlap): its samples then keep one object from frame to frame 4x as often
+  # (benchmarks/results/demo_cpu.md, run 9).
+  d.synthetic_size_range = (0.14, 0.16) if demo else (0.09, 0.16)
+  d.synthetic_speed_range = (0.5, 0.8) if demo else (0.8, 1.6)
   d.num_frames = 8 if demo else 16
   d.fps = 8
   d.height = d.width = 32 if demo else 512
