@@ -8,12 +8,13 @@ so that "matches the data" has a number. Each frame is thresholded at brightness
 connected regions of >= 3 pixels are the objects seen. Prints per workdir:
   object_error      mean over frames of |regions - objects the prompt names| (the data's shapes
                     are 6-10 pixels across on black, so a sample that matches its prompt scores
-                    near 0; the data itself is not 0 where two shapes overlap)
+                    near 0; the data itself is not 0 where two shapes touch)
   regions           mean regions per frame
   empty_frames      share of frames with no region (objects too faint to count)
   coherent          share of consecutive frame pairs that show the same objects moved a little:
                     the same non-zero region count, and every region's nearest region in the
-                    other frame at most 8 pixels away (the data's fastest shape moves 6.4)
+                    other frame at most 8 pixels away (the fastest synthetic shape moves 6.4;
+                    the demo's, 3.2)
   step_px           mean distance from a region to its nearest region in the next frame, over
                     pairs with equal non-zero counts (how far things move per frame)
   audio_active      share of 10 ms windows above 0.1 of the clip's peak RMS (short bursts: low),
@@ -41,7 +42,8 @@ from avgen.sample import api  # noqa: E402
 PROMPT_OBJECTS = {"a red circle bounces": 1, "a blue square bounces": 1,
                   "a green triangle and a yellow circle bounce": 2}
 # A region further than this from every region of the previous frame is a blob that appeared or
-# jumped, not a shape that moved: the data's fastest shape moves 1.6 * 32 / 8 = 6.4 px a frame.
+# jumped, not a shape that moved: the synthetic default's fastest shape moves 1.6 * 32 / 8 =
+# 6.4 px a frame (the demo's 0.8 * 32 / 8 = 3.2); one threshold keeps runs on either comparable.
 MAX_STEP_PX = 8.0
 # A burst's loudest 10 ms has an RMS near 0.1 (data and samples); a clip that never reaches a
 # tenth of that has no burst.
