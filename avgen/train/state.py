@@ -1,9 +1,8 @@
 """Training state: parameters, optimizer, EMA, RNG, and how it is created sharded.
 
 With `config.train.offload_optimizer` the optimizer state lives in pinned host memory between
-steps (its shardings carry memory_kind="pinned_host"); the step brings it to the device with
-`on_device` after the backward pass and its out_shardings put the new state back, so device
-memory holds the optimizer state only while the update runs.
+steps (its shardings carry memory_kind="pinned_host"); the step's update brings it to the device
+one scanned layer at a time (avgen.train.offload), so the device never holds all of it.
 """
 
 from __future__ import annotations
@@ -40,15 +39,23 @@ def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=t.learning_rate * t.end_lr_fraction)
 
 
-def build_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def optimizer_parts(t: ml_collections.ConfigDict):
+  """(global-norm clipping, AdamW): build_optimizer chains them.
+
+  The offloaded step (avgen.train.offload) applies them apart: the clipping needs every
+  gradient, AdamW is elementwise, so it runs on any split of the leaves (lists of them: a
+  weight-decay mask, none today, would have to accept those).
+  """
   # The first moment tolerates bf16 (an average of gradients, themselves bf16-computed); the
   # second moment stays f32: its small values set each parameter's step size.
   mu_dtype = t.get("adam_mu_dtype", "float32")  # absent in older configs
-  return optax.chain(
-      optax.clip_by_global_norm(t.clip_norm),
-      optax.adamw(learning_rate_schedule(t), b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay,
-                  mu_dtype=jnp.dtype(mu_dtype)),
-  )
+  return (optax.clip_by_global_norm(t.clip_norm),
+          optax.adamw(learning_rate_schedule(t), b1=t.adam_b1, b2=t.adam_b2,
+                      weight_decay=t.weight_decay, mu_dtype=jnp.dtype(mu_dtype)))
+
+
+def build_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(*optimizer_parts(t))
 
 
 def split_model(model: nnx.Module):
@@ -99,20 +106,6 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, rules, *,
     shardings = shardings.replace(opt_state=jax.tree.map(
         lambda s: s.with_memory_kind(OFFLOAD_MEMORY), shardings.opt_state))
   return shardings
-
-
-def on_device(state, shardings):
-  """Inside the jitted step: a state tree with every leaf kept in host memory moved to the device.
-
-  Computing on host-memory arrays directly would run on the host (GPU: slowly, with a warning)
-  or fail; the step's out_shardings move the updated leaves back.
-  """
-  def one(x, s):
-    if getattr(s, "memory_kind", None) == OFFLOAD_MEMORY:
-      return jax.device_put(x, s.with_memory_kind("device"))
-    return x
-
-  return jax.tree.map(one, state, shardings)
 
 
 def create_sharded_state(config: ml_collections.ConfigDict, tx, mesh: Mesh, rules):
