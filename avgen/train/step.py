@@ -23,7 +23,9 @@ from flax import nnx
 from avgen.diffusion import losses, objectives, timesteps
 from avgen.models import tokenizer
 from avgen.parallel import sharding
-from avgen.train.state import TrainState, ema_update, learning_rate_schedule, on_device
+from avgen.train import offload
+from avgen.train.state import (TrainState, ema_update, learning_rate_schedule,
+                                optimizer_parts)
 
 METRIC_NAMES = (
     "loss", "loss_diffusion", "loss_video", "loss_audio", "loss_align", "loss_perceptual",
@@ -150,6 +152,16 @@ def make_train_step(config, graphdef, rest, tx: optax.GradientTransformation, me
                      f"{'needs' if text_encoder is None else 'takes no'} frozen text_encoder")
   accum = config.train.grad_accum
   schedule_fn = learning_rate_schedule(config.train)
+  # An optimizer state in host memory (train.offload_optimizer) is updated by avgen.train.offload
+  # with the two parts of build_optimizer's chain, rebuilt from the config.
+  streamed = offload.offloaded(state_shardings)
+  clip, adamw = optimizer_parts(config.train)
+
+  def check_streamable(state):
+    expected = jax.eval_shape(optax.chain(clip, adamw).init, state.params)
+    if jax.tree.structure(state.opt_state) != jax.tree.structure(expected):
+      raise ValueError("make_train_step: an optimizer state in host memory is updated by "
+                       "state.build_optimizer(config.train)'s parts; tx is another optimizer")
   text_shardings = None
   if text_encoder is not None:
     text_shardings = frozen_shardings(text_encoder.params, mesh, rules)
@@ -185,20 +197,26 @@ def make_train_step(config, graphdef, rest, tx: optax.GradientTransformation, me
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    # An offloaded optimizer state comes in only now, after the forward and backward passes, so
-    # it never shares device memory with their activations.
-    opt_state = on_device(state.opt_state, state_shardings.opt_state)
-    updates, new_opt_state = tx.update(grads, opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    new_ema = ema_update(state.ema_params, new_params, config.train.ema_decay)
-    # A non-finite loss or gradient leaves parameters, optimizer and EMA untouched.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    if streamed:
+      # The optimizer state stays in host memory; the update brings it in a layer at a time.
+      check_streamable(state)
+      new_params, new_opt_state, new_ema = offload.update(
+          clip, adamw, grads, finite, state, state_shardings, config.train.ema_decay)
+    else:
+      updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
+      new_ema = ema_update(state.ema_params, new_params, config.train.ema_decay)
+      # A non-finite loss or gradient leaves parameters, optimizer and EMA untouched.
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      new_params = keep(new_params, state.params)
+      new_opt_state = keep(new_opt_state, state.opt_state)
+      new_ema = keep(new_ema, state.ema_params)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, opt_state),
-        ema_params=keep(new_ema, state.ema_params),
+        params=new_params,
+        opt_state=new_opt_state,
+        ema_params=new_ema,
         rng=jax.random.key_data(rng),
         nonfinite_streak=streak,
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
