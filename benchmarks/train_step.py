@@ -205,13 +205,13 @@ def memory_only(config, tx, mesh, rules):
   # Donated state aliases the updated state, so arguments + outputs - aliased + temporaries.
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes)
-  host = getattr(mem, "host_argument_size_in_bytes", 0) or 0
+  host = lambda name: (getattr(mem, f"host_{name}_size_in_bytes", 0) or 0) / 2**30
   result = dict(tag=_TAG.value, device=jax.devices()[0].device_kind, width=config.model.width,
                 depth=config.model.depth, remat=config.model.remat, adaln=config.model.adaln,
                 offload_optimizer=offload, compile_s=round(time.perf_counter() - t0, 1),
                 params_m=round(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)) / 1e6, 1),
                 device_peak_gib=round(peak / 2**30, 2), temp_gib=round(mem.temp_size_in_bytes / 2**30, 2),
-                host_argument_gib=round(host / 2**30, 2))
+                host_argument_gib=round(host("argument"), 2), host_temp_gib=round(host("temp"), 2))
   print("RESULT " + json.dumps(result), flush=True)
 
 
