@@ -1,5 +1,7 @@
 """The attention entry point: XLA reference vs a float64 numpy softmax, masks and padding."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,3 +65,33 @@ def test_auto_on_cpu_uses_xla_and_bad_calls_are_named():
     attention(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), impl="cudnn")
   with pytest.raises(ValueError, match="want q"):
     attention(q, q[:, :, :1], q[:, :, :1])
+
+
+def test_auto_pads_keys_cudnn_refuses_and_masks_the_padding(monkeypatch):
+  """Where cuDNN refuses a key length (77 text tokens) but takes it padded to a multiple of 64,
+  `auto` pads keys and values and hides the padding with kv_lengths: same values and gradients
+  as unpadded attention. cuDNN is stood in for by XLA attention behind a refusal rule."""
+  module = importlib.import_module("avgen.kernels.attention")
+  calls = []
+
+  def fake_cudnn(q, k, v, *, kv_lengths=None, mask=None):
+    calls.append((k.shape[1], kv_lengths))
+    return module.xla_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
+
+  monkeypatch.setattr(module, "_cudnn_refusal", lambda q, k: None)
+  monkeypatch.setattr(module, "_cudnn_trace_refusal",
+                      lambda q_shape, k_shape, *_: None if k_shape[1] % 64 == 0 else "odd length")
+  monkeypatch.setattr(module, "cudnn_attention", fake_cudnn)
+  rng = np.random.default_rng(7)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 2, 32)), jnp.float32) for n in (50, 77, 77))
+  for lengths in (None, jnp.array([77, 20])):
+    def loss(q, k, v, impl, lengths=lengths):
+      return jnp.sum(jnp.sin(attention(q, k, v, kv_lengths=lengths, impl=impl)))
+    calls.clear()
+    got, got_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, "auto")
+    assert calls and calls[0][0] == 128 and calls[0][1] is not None
+    want, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, "xla")
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+      assert g.shape == w.shape
+      assert float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) < 1e-5

@@ -323,9 +323,33 @@ def attention(q, k, v, *, kv_lengths=None, mask=None, impl: str = "auto"):
     reason = _cudnn_trace_refusal(q.shape, k.shape, q.dtype, kv_lengths is not None, mask_shape)
   if reason is None:
     return cudnn_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
+  if mask is None and k.shape[1] % CUDNN_KEY_MULTIPLE:
+    padded = _cudnn_with_padded_keys(q, k, v, kv_lengths)
+    if padded is not None:
+      return padded
   if jax.default_backend() == "gpu":
     _log_once(f"attention(impl='auto') falls back to xla: {reason}")
   return xla_attention(q, k, v, kv_lengths=kv_lengths, mask=mask)
+
+
+# cuDNN refuses some key lengths (77, the text encoders' length, with 16,640 queries: H100 and
+# H200, jax 0.11) that it may take once padded to this multiple, the padding hidden by kv_lengths.
+CUDNN_KEY_MULTIPLE = 64
+
+
+def _cudnn_with_padded_keys(q, k, v, kv_lengths):
+  """cuDNN on keys and values zero-padded to a multiple of CUDNN_KEY_MULTIPLE, the padding
+  masked by kv_lengths (the same result); None if cuDNN refuses the padded shape too."""
+  length = k.shape[1]
+  padded = -(-length // CUDNN_KEY_MULTIPLE) * CUDNN_KEY_MULTIPLE
+  k_shape = (k.shape[0], padded, *k.shape[2:])
+  if _cudnn_trace_refusal(q.shape, k_shape, q.dtype, True, None) is not None:
+    return None
+  if kv_lengths is None:
+    kv_lengths = jnp.full((k.shape[0],), length, jnp.int32)
+  pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+  return cudnn_attention(q, jnp.pad(k, pad), jnp.pad(v, pad),
+                         kv_lengths=jnp.minimum(kv_lengths, length))
 
 
 def _check_rule_shape(name, mask, q, k):
