@@ -40,6 +40,7 @@ MESHES = ((8, 1, 1, 1), (2, 4, 1, 1), (1, 2, 2, 2), (1, 1, 8, 1))
 HYBRID_OFFLOADED = (2, 4, 1, 1)
 # Checked on a forward pass only (a train step compile per mesh is what this file spends).
 FORWARD_MESHES = ((2, 2, 1, 2),)
+SCANNED_MESH = (1, 2, 2, 2)
 STEPS = 5
 # As in test_multihost: compiling dominates, and every run here uses the same flags.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -87,6 +88,17 @@ def test_mesh_trains_like_one_device(report, mesh):
   # Per example: a mesh that mixes up batch rows can keep the mean loss close.
   np.testing.assert_allclose(got["outputs"], one["outputs"], rtol=1e-4, atol=1e-5,
                              err_msg="per-example output sums")
+
+
+def test_scanned_blocks_train_like_the_loop_on_one_device(report):
+  """The same weights as scanned blocks, on a (1, 2, 2, 2) mesh with the optimizer state in host
+  memory (the update streamed over the layer axis): the one-device loop model's losses."""
+  one, got = _result(report, (1, 1, 1, 1)), report["scan:" + _key(SCANNED_MESH)]
+  assert "error" not in got, got.get("error")
+  np.testing.assert_allclose(got["loss"], one["loss"], rtol=2e-5, err_msg="loss per step")
+  np.testing.assert_allclose(got["grad_norm"], one["grad_norm"], rtol=2e-5)
+  np.testing.assert_allclose(got["outputs"], one["outputs"], rtol=1e-4, atol=1e-5)
+  assert got["opt_state_memory"] == ["pinned_host"]
 
 
 def test_losses_move(report):
@@ -255,7 +267,7 @@ def _child(out_dir: str) -> None:
       "skipped_records": np.zeros((b,), np.int32)} for _ in range(STEPS)]
   t = np.linspace(0.1, 0.9, b, dtype=np.float32)
 
-  def output_sums(params, batch):
+  def output_sums(params, batch, graphdef=graphdef, rest=rest):
     """Per-example weighted sums of every model output: rows on the wrong example show."""
     model = nnx.merge(graphdef, params, rest)
     out = model(batch["video"], batch["audio"], jnp.asarray(t), jnp.asarray(t[::-1].copy()),
@@ -277,9 +289,10 @@ def _child(out_dir: str) -> None:
   def memory_kinds(tree):
     return sorted({x.sharding.memory_kind for x in jax.tree.leaves(tree)})
 
-  def run(shape):
+  def run(shape, model=(config, graphdef, rest, abstract, base), offload=False):
+    config, graphdef, rest, abstract, base = model
     config.mesh.data, config.mesh.fsdp, config.mesh.context, config.mesh.tensor = shape
-    offload, granule_of = False, None
+    granule_of = None
     config.mesh.dcn_data = 1
     if shape == HYBRID_OFFLOADED:
       config.mesh.data, config.mesh.dcn_data = 1, 2
@@ -291,7 +304,7 @@ def _child(out_dir: str) -> None:
 
     def forward(params, batch):
       with sharding.use_rules(mesh, rules):
-        return output_sums(params, batch)
+        return output_sums(params, batch, graphdef, rest)
 
     outputs = jax.jit(forward)(state.params, mesh_lib.global_batch(batches[0], mesh))
     got = {"outputs": np.asarray(outputs).tolist()}
@@ -312,10 +325,11 @@ def _child(out_dir: str) -> None:
       got["params_memory"] = memory_kinds(state.params)
       target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             state, shardings)
+      path = os.path.join(out_dir, "offloaded_" + _key(shape) + str(config.model.scan_layers))
       with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(out_dir, "offloaded"), state)
+        ckpt.save(path, state)
         ckpt.wait_until_finished()
-        restored = ckpt.restore(os.path.join(out_dir, "offloaded"), target)
+        restored = ckpt.restore(path, target)
       got["restored_opt_state_memory"] = memory_kinds(restored.opt_state)
       got["restored_equal"] = all(
           np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(restored)),
@@ -329,6 +343,27 @@ def _child(out_dir: str) -> None:
     except Exception:  # pylint: disable=broad-except
       # One failing mesh fails its own tests (with this text), not the whole file.
       report[_key(shape)] = {"error": traceback.format_exc()[-4000:]}
+
+  # Scanned blocks (model.scan_layers, the large configs' default: one lax.scan over blocks
+  # stacked on a `layers` axis) holding the same weights, on a mesh that splits everything else,
+  # with the optimizer state offloaded (so the update streams over the layers).
+  try:
+    scan_config = train_utils.tiny_config(train__learning_rate=1e-3, train__warmup_steps=1,
+                                          train__num_steps=STEPS, model__scan_layers=True)
+    scan_graphdef, scan_rest, scan_abstract = state_lib.abstract_state(scan_config, tx)
+    pure = nnx.to_pure_dict(base.params)
+    blocks = pure["dit"]["blocks"]
+    pure["dit"]["blocks"] = jax.tree.map(lambda *xs: np.stack(xs),
+                                         *[blocks[i] for i in sorted(blocks)])
+    scan_params = jax.tree.map(lambda x: x, scan_abstract.params)
+    nnx.replace_by_pure_dict(scan_params, pure)
+    scan_base = base.replace(params=scan_params, ema_params=scan_params,
+                             opt_state=jax.device_get(jax.jit(tx.init)(scan_params)))
+    report["scan:" + _key(SCANNED_MESH)] = run(
+        SCANNED_MESH, (scan_config, scan_graphdef, scan_rest, scan_abstract, scan_base),
+        offload=True)
+  except Exception:  # pylint: disable=broad-except
+    report["scan:" + _key(SCANNED_MESH)] = {"error": traceback.format_exc()[-4000:]}
 
   # The same count from shardings alone, for fsdp = 1..8 (what create_sharded_state lays out).
   report["bytes_by_fsdp"] = {}
