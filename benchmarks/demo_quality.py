@@ -74,7 +74,11 @@ def frame_steps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def temporal_scores(video: np.ndarray) -> tuple[list[bool], list[float]]:
   """Per consecutive frame pair: whether it is coherent; and the steps of equal-count pairs."""
-  centres = [region_centroids(frame) for frame in video]
+  return _pair_scores([region_centroids(frame) for frame in video])
+
+
+def _pair_scores(centres: list[np.ndarray]) -> tuple[list[bool], list[float]]:
+  """temporal_scores from each frame's region centroids."""
   coherent, steps = [], []
   for a, b in zip(centres[:-1], centres[1:]):
     if len(a) != len(b) or len(a) == 0:
@@ -105,10 +109,11 @@ class Tally:
     self.audio = {}
 
   def add_video(self, video: np.ndarray, objects: int) -> None:
-    for frame in video:
-      self.regions.append(bright_regions(frame))
+    centres = [region_centroids(frame) for frame in video]
+    for frame_centres in centres:
+      self.regions.append(len(frame_centres))
       self.errors.append(abs(self.regions[-1] - objects))
-    coherent, steps = temporal_scores(video)
+    coherent, steps = _pair_scores(centres)
     self.coherent += coherent
     self.steps += steps
 

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import sample_utils
 import train_utils
 from avgen.config import ConfigError, mesh_shape
 from avgen.parallel import mesh as mesh_lib
@@ -351,12 +352,7 @@ def _child(out_dir: str) -> None:
     scan_config = train_utils.tiny_config(train__learning_rate=1e-3, train__warmup_steps=1,
                                           train__num_steps=STEPS, model__scan_layers=True)
     scan_graphdef, scan_rest, scan_abstract = state_lib.abstract_state(scan_config, tx)
-    pure = nnx.to_pure_dict(base.params)
-    blocks = pure["dit"]["blocks"]
-    pure["dit"]["blocks"] = jax.tree.map(lambda *xs: np.stack(xs),
-                                         *[blocks[i] for i in sorted(blocks)])
-    scan_params = jax.tree.map(lambda x: x, scan_abstract.params)
-    nnx.replace_by_pure_dict(scan_params, pure)
+    scan_params = sample_utils.stack_blocks(base.params, scan_config)
     scan_base = base.replace(params=scan_params, ema_params=scan_params,
                              opt_state=jax.device_get(jax.jit(tx.init)(scan_params)))
     report["scan:" + _key(SCANNED_MESH)] = run(

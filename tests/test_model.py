@@ -10,6 +10,7 @@ from avgen.models import DiTOutput, TextEncoder, build_model, rope
 from avgen.models import embeddings, temporal_alignment
 from avgen.models.tokenizer import ByteTokenizer
 from configs.base import get_base_config
+from sample_utils import stack_blocks
 
 LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "conv_in", "conv_out", "time", None}
 
@@ -321,12 +322,7 @@ def test_attention_window_pallas_matches_xla():
 def _with_stacked_blocks(loop_model, config):
   """A scan_layers model holding the loop model's weights (blocks stacked on a leading axis)."""
   scanned = build_model(config, nnx.Rngs(1))
-  loop_state = nnx.to_pure_dict(nnx.state(loop_model, nnx.Param))
-  blocks = loop_state["dit"]["blocks"]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
-  state = nnx.state(scanned, nnx.Param)
-  nnx.replace_by_pure_dict(state, dict(loop_state, dit=dict(loop_state["dit"], blocks=stacked)))
-  nnx.update(scanned, state)
+  nnx.update(scanned, stack_blocks(nnx.state(loop_model, nnx.Param), config))
   return scanned
 
 

@@ -18,12 +18,11 @@ gives the same result on any split of the leaves.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from avgen.train.state import OFFLOAD_MEMORY, ema_update
+from avgen.train.state import OFFLOAD_MEMORY, guarded_update
 
 
 def offloaded(shardings) -> bool:
@@ -80,16 +79,13 @@ def update(clip, adamw, grads, finite, state, shardings, ema_decay: float):
                                                  param_shardings)) if _streamed(spec, s)]
   rest = sorted(set(range(len(params))) - set(stacked))
   pick = lambda leaves, indices: [leaves[i] for i in indices]
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
   def adamw_step(g, p, e, m):
-    """AdamW and EMA on lists of leaves, m: [mu leaves, nu leaves] on the device."""
-    before = with_moments(adamw, adam_state, m)
-    updates, after = adamw.update(g, before, p)
-    new_p = optax.apply_updates(p, updates)
-    new_e = ema_update(e, new_p, ema_decay)
-    # A non-finite loss or gradient leaves parameters, optimizer and EMA untouched.
-    return keep(new_p, p), keep(new_e, e), keep(after, before)
+    """AdamW, EMA and the non-finite guard on lists of leaves, m: [mu leaves, nu leaves] on the
+    device -> (params, EMA, AdamW state)."""
+    new_p, after, new_e = guarded_update(adamw, g, with_moments(adamw, adam_state, m), p, e,
+                                         finite, ema_decay)
+    return new_p, new_e, after
 
   to_device = lambda x, s: jax.device_put(x, s.with_memory_kind("device"))
   to_host = lambda x, s: jax.device_put(x, s.with_memory_kind(OFFLOAD_MEMORY))

@@ -145,3 +145,13 @@ def abstract_state(config, tx):
 
 def ema_update(ema, params, decay: float):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def guarded_update(tx, grads, opt_state, params, ema_params, finite, ema_decay: float):
+  """(params, opt_state, ema_params) after tx's update and the EMA; each is left as it was
+  unless `finite`, so a non-finite loss or gradient changes nothing."""
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  new_ema = ema_update(ema_params, new_params, ema_decay)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_ema, ema_params)

@@ -24,7 +24,7 @@ from avgen.diffusion import losses, objectives, timesteps
 from avgen.models import tokenizer
 from avgen.parallel import sharding
 from avgen.train import offload
-from avgen.train.state import (TrainState, ema_update, learning_rate_schedule,
+from avgen.train.state import (TrainState, guarded_update, learning_rate_schedule,
                                 optimizer_parts)
 
 METRIC_NAMES = (
@@ -203,14 +203,9 @@ def make_train_step(config, graphdef, rest, tx: optax.GradientTransformation, me
       new_params, new_opt_state, new_ema = offload.update(
           clip, adamw, grads, finite, state, state_shardings, config.train.ema_decay)
     else:
-      updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-      new_params = optax.apply_updates(state.params, updates)
-      new_ema = ema_update(state.ema_params, new_params, config.train.ema_decay)
-      # A non-finite loss or gradient leaves parameters, optimizer and EMA untouched.
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      new_params = keep(new_params, state.params)
-      new_opt_state = keep(new_opt_state, state.opt_state)
-      new_ema = keep(new_ema, state.ema_params)
+      new_params, new_opt_state, new_ema = guarded_update(
+          tx, grads, state.opt_state, state.params, state.ema_params, finite,
+          config.train.ema_decay)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     new_state = state.replace(
         step=state.step + 1,
