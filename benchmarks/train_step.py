@@ -291,7 +291,7 @@ def main(argv):
       steps_timed=len(times), peak_gib=round(peak / 2**30, 2),
       peer_tflops=round(peer_flops(config, num_video, num_audio) / step_s / n / 1e12, 1),
       xla_tflops=round(xla_flops / step_s / 1e12, 1),  # cost analysis is per device program
-      loss=loss, jax=jax.__version__, profile=profile,
+      loss=loss, jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), profile=profile,
       params_m=round(sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, 1))
   print("RESULT " + json.dumps(result), flush=True)
   out_dir = os.environ.get("OUT")
