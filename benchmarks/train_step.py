@@ -243,6 +243,7 @@ def main(argv):
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   compile_s = time.perf_counter() - t0
+  print(f"compiled in {compile_s:.1f} s", flush=True)  # progress, for runs cut off by a limit
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float((cost or {}).get("flops", 0.0))
@@ -251,9 +252,11 @@ def main(argv):
   else:
     run = lambda s: compiled(s, batch)
 
-  for _ in range(max(_WARMUP.value, 1)):
+  for i in range(max(_WARMUP.value, 1)):
+    t0 = time.perf_counter()
     state, metrics = run(state)
-  jax.block_until_ready(state)
+    jax.block_until_ready(state)
+    print(f"warm-up step {i}: {time.perf_counter() - t0:.2f} s", flush=True)
   times = []
   for _ in range(_STEPS.value):
     t0 = time.perf_counter()
