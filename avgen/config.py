@@ -29,7 +29,8 @@ ADALN = ("per_block", "single")
 # "everything_saveable": all (remat in name only); "save_attention_out": the self-attention
 # result; "offload_dots": like "dots" but parked in pinned host memory until the backward pass;
 # "dots_attention": "dots" plus the attention kernels' outputs and softmax statistics (the
-# backward pass then never reruns attention's forward).
+# backward pass then never reruns a long attention's forward; short ones such as the text
+# cross-attention are rerun).
 REMAT = ("none", "full", "nothing_saveable", "dots", "dots_saveable", "everything_saveable",
          "save_attention_out", "offload_dots", "dots_attention")
 DTYPES = ("float32", "bfloat16", "float16")

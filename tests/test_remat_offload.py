@@ -105,17 +105,36 @@ def test_policies_keep_what_they_name(results):
   assert len(_saved("full", params, args)) < len(_saved("none", params, args))
 
 
-def test_dots_attention_keeps_the_kernels_output_and_statistics(results):
+def test_dots_attention_keeps_the_kernels_output_and_statistics(results, monkeypatch):
   """With a flash kernel (Pallas, interpreted here) "dots_attention" keeps both outputs of each
   attention forward (output [b,l,h,d] and logsumexp [b,h,l]), so the backward pass does not
-  rerun it; "dots" keeps neither."""
+  rerun it; "dots" keeps neither; nor does "dots_attention" for attentions over few keys."""
   params, _ = results
   args = _trunk_inputs(_tiny())
   kernel = lambda lines: [l.split()[0] for l in lines if "output of pallas_call" in l]
   assert not kernel(_saved("dots", params, args, attention_impl="pallas"))
+  # The kernel pads both the 40 joint tokens and the 16 text tokens to one 128-key block.
+  monkeypatch.setattr(dit, "SAVE_ATTENTION_MIN_KEYS", 128)
   kept = kernel(_saved("dots_attention", params, args, attention_impl="pallas"))
   # Self-attention over 128 tokens and cross-attention from them to the text, 2 heads of 16.
   assert sorted(kept) == sorted(["f32[2,128,2,16]", "f32[2,2,128]"] * 2), kept
+  monkeypatch.setattr(dit, "SAVE_ATTENTION_MIN_KEYS", 129)
+  assert not kernel(_saved("dots_attention", params, args, attention_impl="pallas"))
+
+
+def test_dots_attention_reruns_short_key_attention_at_2b_shapes():
+  """At the 2B's shapes cuDNN's forward over the 16,640 joint tokens is kept and the text
+  cross-attention's (77 keys padded to 128) is rerun: it costs little and its output would hold
+  1.5 GiB over 24 blocks. Operands as jax binds them: q, k, v [b, l, h, d], then lengths."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415
+  prim = cudnn._dot_product_attention_fwd_p_wrapper  # pylint: disable=protected-access
+  policy = dit._remat_policy("dots_attention")  # pylint: disable=protected-access
+  arr = lambda *shape: jax.core.ShapedArray(shape, jnp.bfloat16)
+  lengths = jax.core.ShapedArray((1,), jnp.int32)
+  q = arr(1, 16640, 16, 128)
+  assert policy(prim, q, q, q, lengths, lengths)
+  short = arr(1, 128, 16, 128)
+  assert not policy(prim, q, short, short, lengths, lengths)
 
 
 def test_dots_attention_names_the_primitive_jax_binds_for_cudnn():
