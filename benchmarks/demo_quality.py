@@ -1,6 +1,8 @@
 """Scores a demo checkpoint's samples against what the synthetic data looks like.
 
   python benchmarks/demo_quality.py WORKDIR [WORKDIR ...] [--seeds 8] [--data-clips 64]
+      [--steps N] [--sampler euler|heun] [--guidance G | --guidance-video G --guidance-audio G]
+      [--raw-weights] [--checkpoint-step STEP] [--time-shift S]
 
 For each of the demo config's sample prompts and each sampling seed, one clip from the latest
 checkpoint; then the same scores for the first `--data-clips` training clips in WORKDIR/data,
@@ -174,12 +176,23 @@ def main():
   # Sampling settings other than the checkpoint config's, to compare them on one checkpoint.
   parser.add_argument("--steps", type=int, default=None, help="sampler steps")
   parser.add_argument("--guidance", type=float, default=None, help="both modalities")
+  parser.add_argument("--guidance-video", type=float, default=None, help="video alone")
+  parser.add_argument("--guidance-audio", type=float, default=None, help="audio alone")
+  parser.add_argument("--sampler", default=None, help="euler | heun (flow)")
   parser.add_argument("--raw-weights", action="store_true", help="not the EMA weights")
+  parser.add_argument("--checkpoint-step", type=int, default=None, help="default: the latest")
+  parser.add_argument("--time-shift", type=float, default=None,
+                      help="flow sampling times' shift alone (training's stays as trained)")
   args = parser.parse_args()
   options = {k: v for k, v in (("num_inference_steps", args.steps),
-                               ("guidance_scale", args.guidance)) if v is not None}
+                               ("guidance_scale", args.guidance),
+                               ("guidance_scale_video", args.guidance_video),
+                               ("guidance_scale_audio", args.guidance_audio),
+                               ("sampler", args.sampler)) if v is not None}
   for workdir in args.workdirs:
-    pipe = api.load_pipeline(workdir, use_ema=not args.raw_weights)
+    pipe = api.load_pipeline(workdir, step=args.checkpoint_step, use_ema=not args.raw_weights)
+    if args.time_shift is not None:
+      pipe.objective.shift = args.time_shift  # read by sample_times for every call's schedule
     print(workdir, "samples", score_samples(pipe, args.seeds, **options), flush=True)
     if args.data_clips > 0:
       print(workdir, "data", score_data(workdir, pipe.config, args.data_clips), flush=True)
